@@ -1,0 +1,311 @@
+"""Evaluation metrics of Section IV-C (Eq. 5-8), Table VI's aRVD and Table IV's paired t-test.
+
+    python metrics.py PRED_DIR GT_DIR [--csv FILE] [--compare OTHER_PRED_DIR]
+
+PRED_DIR holds one NIfTI mask per case (CASE.nii.gz); GT_DIR is a folder of label masks or a Decathlon /
+nnU-Net data set root (its labelsTr/ is used). Cases are paired by name; each pair must share shape and
+affine. Prints a Table III-style summary (mean +- std and median over cases), writes a per-case CSV and a
+summary JSON beside it, and with --compare adds Table IV-style paired t-test p-values.
+
+All functions take 3-D binary masks (any array; > 0 is foreground) and the voxel spacing in mm, which
+may be anisotropic (the NIfTI header's pixdim). Distances are in mm.
+
+Definitions (Section IV-C):
+  Surface      A voxel of the mask with at least one of its 6 face neighbours outside the mask: the mask minus
+               its erosion by the 3-D cross (scipy.ndimage.generate_binary_structure(3, 1)). Voxels on the
+               volume's border count as surface (outside the volume is background).
+  d(a, Sur_b)  Euclidean distance in mm from a surface voxel centre of one mask to the nearest surface voxel
+               centre of the other: scipy.ndimage.distance_transform_edt with sampling=spacing, computed
+               only inside the two masks' joint bounding box plus a one-voxel margin (exactly the same
+               values as over the whole volume: every surface voxel lies inside that box).
+  ASD (Eq. 6)  mean of the two directed mean surface distances (MedPy calls this 'assd').
+  HD (Eq. 8)   the larger of the two directed maxima.
+  HD95         two definitions are in common use:
+               'max'    max(P95(d(Sur_seg -> Sur_gt)), P95(d(Sur_gt -> Sur_seg))): Eq. 8 with each max
+                        replaced by a 95th percentile. MONAI's compute_hausdorff_distance(percentile=95) and
+                        DeepMind's surface-distance compute_robust_hausdorff(.., 95) use this. DEFAULT.
+               'pooled' P95 of both directions' distances pooled together: MedPy's metric.binary.hd95.
+               Percentiles use numpy's default linear interpolation.
+  aRVD         |(|seg| - |gt|) / |gt|| * 100, in percent (Table VI).
+Empty masks (defined, and never flattering; a missed prostate must not vanish from the mean):
+  both empty   DSC = PPV = SEN = 1, aRVD = 0, all distances 0 (a correct "nothing here").
+  one empty    DSC = PPV = SEN = 0; distances are set to the volume's diagonal in mm, the largest distance
+               the volume allows, so the case counts as the worst possible in every mean;
+               aRVD = 100 if the prediction is empty, inf if the ground truth is. The summary also counts
+               the cases with an empty prediction.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage, stats
+
+METRICS = ("DSC", "ASD", "HD95", "HD", "SEN", "PPV", "aRVD")
+HD95_DEFINITIONS = ("max", "pooled")
+
+
+def _as_pair(pred, gt, spacing):
+    pred, gt = np.asarray(pred) > 0, np.asarray(gt) > 0
+    if pred.ndim != 3 or gt.ndim != 3:
+        raise ValueError(f"masks must be 3-D, got {pred.shape} and {gt.shape}")
+    if pred.shape != gt.shape:
+        raise ValueError(f"prediction {pred.shape} and ground truth {gt.shape} differ in shape")
+    spacing = np.asarray(spacing, dtype=np.float64)
+    if spacing.shape != (3,) or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise ValueError(f"spacing must be three positive numbers in mm, got {spacing.tolist()}")
+    return pred, gt, spacing
+
+
+def overlap_metrics(pred, gt) -> dict:
+    """Eq. 5 (DSC), Eq. 7 (PPV, SEN) and Table VI's aRVD from voxel counts."""
+    tp = int(np.count_nonzero(pred & gt))
+    n_seg, n_gt = int(np.count_nonzero(pred)), int(np.count_nonzero(gt))
+    if n_seg == 0 and n_gt == 0:
+        return dict(DSC=1.0, PPV=1.0, SEN=1.0, aRVD=0.0)
+    return dict(DSC=2 * tp / (n_seg + n_gt),
+                PPV=tp / n_seg if n_seg else 0.0,
+                SEN=tp / n_gt if n_gt else 0.0,
+                aRVD=abs(n_seg - n_gt) / n_gt * 100 if n_gt else math.inf)
+
+
+def _surface(mask):
+    """Mask minus its erosion by the 6-connected 3-D cross; border_value=0: the volume edge is surface."""
+    return mask & ~ndimage.binary_erosion(mask, ndimage.generate_binary_structure(3, 1), border_value=0)
+
+
+def joint_bbox(pred, gt, margin: int = 1):
+    """Slices of the bounding box of pred | gt grown by `margin` voxels, clipped to the volume."""
+    both = pred | gt
+    out = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        idx = np.flatnonzero(both.any(axis=other))
+        out.append(slice(max(idx[0] - margin, 0), min(idx[-1] + 1 + margin, both.shape[axis])))
+    return tuple(out)
+
+
+def directed_surface_distances(pred, gt, spacing, crop: bool = True):
+    """d(Sur_seg -> Sur_gt) and d(Sur_gt -> Sur_seg) in mm, for two non-empty masks (Eq. 6 and 8).
+
+    crop=True runs the distance transforms inside joint_bbox only; crop=False on the whole volume (the
+    reference that bench.py compares against)."""
+    if crop:
+        box = joint_bbox(pred, gt)
+        pred, gt = pred[box], gt[box]
+    s_pred, s_gt = _surface(pred), _surface(gt)
+    # EDT of the complement of a surface = distance from every voxel to that surface's nearest voxel
+    to_gt = ndimage.distance_transform_edt(~s_gt, sampling=spacing)
+    to_pred = ndimage.distance_transform_edt(~s_pred, sampling=spacing)
+    return to_gt[s_pred], to_pred[s_gt]
+
+
+def hd95_from(d_seg_gt, d_gt_seg, definition: str = "max") -> float:
+    if definition == "max":
+        return float(max(np.percentile(d_seg_gt, 95), np.percentile(d_gt_seg, 95)))
+    if definition == "pooled":
+        return float(np.percentile(np.concatenate([d_seg_gt, d_gt_seg]), 95))
+    raise ValueError(f"hd95 definition must be one of {HD95_DEFINITIONS}, got {definition!r}")
+
+
+def distance_metrics(pred, gt, spacing, hd95_definition: str = "max", crop: bool = True) -> dict:
+    """ASD (Eq. 6), HD (Eq. 8) and HD95 in mm, with the empty-mask conventions of the module docstring."""
+    any_pred, any_gt = pred.any(), gt.any()
+    if not any_pred and not any_gt:
+        return dict(ASD=0.0, HD=0.0, HD95=0.0)
+    if not (any_pred and any_gt):
+        worst = float(np.linalg.norm(np.asarray(pred.shape) * spacing))   # the volume's diagonal
+        return dict(ASD=worst, HD=worst, HD95=worst)
+    d1, d2 = directed_surface_distances(pred, gt, spacing, crop=crop)
+    return dict(ASD=float(0.5 * (d1.mean() + d2.mean())),
+                HD=float(max(d1.max(), d2.max())),
+                HD95=hd95_from(d1, d2, hd95_definition))
+
+
+def evaluate(pred, gt, spacing=(1.0, 1.0, 1.0), hd95_definition: str = "max") -> dict:
+    """All metrics of one case: DSC, ASD, HD95, HD, SEN, PPV, aRVD."""
+    pred, gt, spacing = _as_pair(pred, gt, spacing)
+    out = overlap_metrics(pred, gt)
+    out.update(distance_metrics(pred, gt, spacing, hd95_definition))
+    return {k: out[k] for k in METRICS}
+
+
+# individual metrics by name, for readers who want one
+def dsc(pred, gt):
+    return overlap_metrics(*_as_pair(pred, gt, (1, 1, 1))[:2])["DSC"]
+
+
+def asd(pred, gt, spacing):
+    return distance_metrics(*_as_pair(pred, gt, spacing))["ASD"]
+
+
+def hd95(pred, gt, spacing, definition: str = "max"):
+    return distance_metrics(*_as_pair(pred, gt, spacing), hd95_definition=definition)["HD95"]
+
+
+# ---------------------------------------------------------------------------- summaries (Tables III, IV)
+
+def summarize(rows: list[dict]) -> dict:
+    """mean, std (sample, ddof=1) and median of each metric over cases, plus the count of empty predictions."""
+    out = {"cases": len(rows), "empty_predictions": sum(1 for r in rows if r.get("empty_prediction"))}
+    for m in METRICS:
+        v = np.array([r[m] for r in rows], dtype=np.float64)
+        out[m] = dict(mean=float(v.mean()) if len(v) else math.nan,
+                      std=float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+                      median=float(np.median(v)) if len(v) else math.nan)
+    return out
+
+
+def format_summary(summary: dict, title: str = "") -> str:
+    lines = [title] if title else []
+    lines.append(f"{'metric':<6} {'mean +- std':>22} {'median':>10}   (n = {summary['cases']}, "
+                 f"empty predictions: {summary['empty_predictions']})")
+    for m in METRICS:
+        s = summary[m]
+        unit = " mm" if m in ("ASD", "HD95", "HD") else (" %" if m == "aRVD" else "")
+        lines.append(f"{m:<6} {s['mean']:>10.4f} +- {s['std']:<8.4f} {s['median']:>10.4f}{unit}")
+    return "\n".join(lines)
+
+
+def paired_pvalues(rows_a: list[dict], rows_b: list[dict]) -> dict:
+    """Table IV: two-sided paired t-test (scipy.stats.ttest_rel) per metric over the cases both hold."""
+    b = {r["case"]: r for r in rows_b}
+    common = [r for r in rows_a if r["case"] in b]
+    out = {}
+    for m in METRICS:
+        x = np.array([r[m] for r in common], float)
+        y = np.array([b[r["case"]][m] for r in common], float)
+        ok = np.isfinite(x) & np.isfinite(y)
+        out[m] = float(stats.ttest_rel(x[ok], y[ok]).pvalue) if ok.sum() > 1 and np.any(x[ok] != y[ok]) else 1.0
+    return out
+
+
+# ---------------------------------------------------------------------------- files
+
+def case_name(path: Path) -> str:
+    """Decathlon / nnU-Net case name: 'prostate_10.nii.gz' and 'prostate_10_0000.nii.gz' -> 'prostate_10'."""
+    name = path.name
+    for ext in (".nii.gz", ".nii"):
+        if name.endswith(ext):
+            name = name[: -len(ext)]
+    return name[:-5] if len(name) > 5 and name[-5] == "_" and name[-4:].isdigit() else name
+
+
+def nifti_files(folder: Path) -> dict:
+    if (folder / "labelsTr").is_dir():
+        folder = folder / "labelsTr"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"not a folder: {folder}")
+    files = {case_name(p): p for p in sorted(folder.iterdir())
+             if p.name.endswith((".nii", ".nii.gz")) and not p.name.startswith(".")}
+    if not files:
+        raise FileNotFoundError(f"no NIfTI files (.nii, .nii.gz) in {folder}")
+    return files
+
+
+def load_mask(path: Path):
+    """A 3-D mask and its affine; a clear error naming the file if it cannot be read."""
+    import nibabel as nib   # imported here so the metric functions need only numpy and scipy
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+    except Exception as e:  # nibabel raises many types for truncated / corrupted files
+        raise ValueError(f"{path}: cannot read NIfTI ({type(e).__name__}: {e})") from None
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise ValueError(f"{path}: mask must be 3-D, got shape {data.shape}")
+    if not np.all(np.isfinite(data)):
+        raise ValueError(f"{path}: mask holds NaN or infinite values")
+    return data > 0, img.affine, np.asarray(img.header.get_zooms()[:3], float)
+
+
+def evaluate_folders(pred_dir, gt_dir, hd95_definition: str = "max", log=print) -> list[dict]:
+    preds, gts = nifti_files(Path(pred_dir)), nifti_files(Path(gt_dir))
+    missing = sorted(set(gts) - set(preds))
+    if missing:
+        raise ValueError(f"{pred_dir}: no prediction for case(s) {', '.join(missing)} of {gt_dir}")
+    rows = []
+    for i, case in enumerate(sorted(gts), 1):
+        p, p_aff, _ = load_mask(preds[case])
+        g, g_aff, spacing = load_mask(gts[case])
+        if p.shape != g.shape:
+            raise ValueError(f"case {case}: prediction shape {p.shape} != ground truth shape {g.shape}")
+        if not np.allclose(p_aff, g_aff, atol=1e-3):
+            raise ValueError(f"case {case}: prediction affine differs from the ground truth's\n{p_aff}\nvs\n{g_aff}")
+        row = {"case": case, **evaluate(p, g, spacing, hd95_definition), "empty_prediction": not p.any()}
+        rows.append(row)
+        log(f"[{i}/{len(gts)}] {case}: DSC {row['DSC']:.4f}  ASD {row['ASD']:.3f} mm  HD95 {row['HD95']:.3f} mm")
+    return rows
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary file in the same folder, then os.replace: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_report(rows: list[dict], csv_path: Path, extra: dict | None = None) -> dict:
+    """Per-case CSV at csv_path and the summary (mean +- std, median) as JSON beside it."""
+    import io
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=["case", *METRICS, "empty_prediction"])
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()})
+    atomic_write_text(csv_path, buf.getvalue())
+    summary = summarize(rows)
+    if extra:
+        summary.update(extra)
+    atomic_write_text(Path(csv_path).with_suffix(".summary.json"), json.dumps(summary, indent=2))
+    return summary
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("pred_dir")
+    p.add_argument("gt_dir")
+    p.add_argument("--csv", help="per-case CSV to write (a .summary.json is written beside it)")
+    p.add_argument("--compare", metavar="OTHER_PRED_DIR", help="paired t-test against another method's predictions")
+    p.add_argument("--hd95", choices=HD95_DEFINITIONS, default="max", help="HD95 definition (see module docstring)")
+    args = p.parse_args(argv)
+    try:
+        if args.csv and Path(args.gt_dir).resolve() in Path(args.csv).resolve().parents:
+            raise ValueError(f"refusing to write {args.csv} inside the ground-truth folder")
+        rows = evaluate_folders(args.pred_dir, args.gt_dir, args.hd95)
+        summary = summarize(rows)
+        print(format_summary(summary, f"\n{args.pred_dir} vs {args.gt_dir}"))
+        extra = {}
+        if args.compare:
+            other = evaluate_folders(args.compare, args.gt_dir, args.hd95, log=lambda *_: None)
+            print(format_summary(summarize(other), f"\n{args.compare} vs {args.gt_dir}"))
+            pv = paired_pvalues(rows, other)
+            print("\npaired t-test p-values (Table IV):  " + "  ".join(f"{m} {v:.4g}" for m, v in pv.items()))
+            extra["p_values_vs_" + Path(args.compare).name] = pv
+        if args.csv:
+            write_report(rows, Path(args.csv), extra)
+            print(f"\nwrote {args.csv} and {Path(args.csv).with_suffix('.summary.json')}")
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
