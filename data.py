@@ -1,0 +1,680 @@
+"""Data: the NIfTI pipeline of Sections III-A and IV-B, and a synthetic pelvic-CT phantom (the default data).
+
+    python data.py phantom OUT_DIR [--cases N] [--seed S]   # write a Decathlon-layout phantom data set
+    python data.py inspect DATA_DIR                          # list cases, spacing, split; preprocess + cache
+
+Pipeline, in the order it runs (each step names the paper's section):
+  find_cases            Decathlon (dataset.json, imagesTr/labelsTr, 4-D images with a channel axis), nnU-Net
+                        (CASE_0000.nii.gz + CASE.nii.gz) or plain paired folders (images/ + labels/).
+  load_case             nibabel; checks the file, 3-D-ness, NaN/inf, spacing > 0, label shape and affine.
+                        Arrays are reoriented to RAS (axis 2 = inferior -> superior, the axial slice axis).
+  preprocess            Section IV-B: resample to 1x1x1 mm (trilinear), crop the body (threshold + largest
+                        connected component), normalise intensities to [0, 255] (uint8), find the femoral-head
+                        reference centre (Section III-A). Cached as .npz, so epochs and runs never resample again.
+  stage1_volume         Section III-A: the body image at 1/4 size (trilinear).
+  Stage1Patches         64 x 64 x 5 training patches of the 1/4-size image, label of the middle slice.
+  crop_around           Section III-A: the 128^3 crop at 1 mm around a centre, padded past the volume.
+  Stage2Patches         Section IV-B: 64 x 64 x 3 patches of the crop, 500 per image.
+  split_cases           Section IV-A: a deterministic 70 / 10 / 20 split by seed.
+  to_original_grid      the inverse of preprocess: a 1-mm probability map back onto the input's grid.
+  make_phantom          the synthetic pelvic CT with known ground truth.
+
+Nothing here writes into an input folder: caches go to a separate folder, phantoms to a new one.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+# Section IV-B and III-A sizes (the paper's values are the defaults)
+SPACING_MM = 1.0          # resample to 1 x 1 x 1 mm
+STAGE1_FACTOR = 4         # Stage 1 works on the 1/4-size image
+CROP_SIZE = 128           # Stage-2 prostate region, 128^3 at 1 mm
+# Paper is silent on the CT window behind "normalised to [0, 255]": we use the soft-tissue window
+# W 400 / L 40 (-160 .. 240 HU), which keeps 1.6 HU per grey level for the prostate's few tens of HU of contrast.
+CT_WINDOW_HU = (-160.0, 240.0)
+# Paper is silent on MRI (used only in Section IV-G): percentiles 0.5 and 99.5 of the body voxels map to 0, 255.
+MR_PERCENTILES = (0.5, 99.5)
+CT_BODY_HU = -500.0       # body = HU above this (air is -1000, fat -100)
+CT_BONE_HU = 200.0        # femoral heads: bone threshold
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file."""
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+@dataclass
+class Case:
+    name: str
+    image: Path
+    label: Path | None
+    channel: int = 0
+    modality: str = "auto"   # 'ct', 'mr' or 'auto'
+
+
+def case_name(path: Path) -> str:
+    name = path.name
+    for ext in (".nii.gz", ".nii"):
+        if name.endswith(ext):
+            name = name[: -len(ext)]
+    return name
+
+
+def _nifti_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.name.endswith((".nii", ".nii.gz")) and not p.name.startswith("."))
+
+
+def find_cases(root, channel: int | str = 0, modality: str = "auto", require_labels: bool = True) -> list[Case]:
+    """Cases of a Decathlon, nnU-Net or plain paired-folder data set, sorted by name.
+
+    channel: index or name (as in dataset.json's 'modality' / 'channel_names') of a 4-D image's channel."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: data folder not found")
+    meta = {}
+    if (root / "dataset.json").is_file():
+        try:
+            meta = json.loads((root / "dataset.json").read_text())
+        except json.JSONDecodeError as e:
+            raise DataError(f"{root / 'dataset.json'}: not valid JSON ({e})") from None
+    names = meta.get("modality") or meta.get("channel_names") or {}
+    if isinstance(channel, str) and not channel.isdigit():
+        match = [int(k) for k, v in names.items() if str(v).lower() == channel.lower()]
+        if not match:
+            raise DataError(f"{root}: no channel named {channel!r}; dataset.json lists {names}")
+        channel = match[0]
+    channel = int(channel)
+    if modality == "auto" and names:
+        first = str(names.get(str(channel), "")).lower()
+        modality = "ct" if first == "ct" else ("mr" if first else "auto")
+    if (root / "imagesTr").is_dir():
+        img_dir, lab_dir = root / "imagesTr", root / "labelsTr"
+    elif (root / "images").is_dir():
+        img_dir, lab_dir = root / "images", root / "labels"
+    else:
+        raise DataError(f"{root}: expected imagesTr/ + labelsTr/ (Decathlon, nnU-Net) or images/ + labels/")
+    cases = []
+    for img in _nifti_in(img_dir):
+        name = case_name(img)
+        if name.endswith("_0000"):                          # nnU-Net: CASE_0000 is channel 0 of CASE
+            name = name[:-5]
+        elif len(name) > 5 and name[-5] == "_" and name[-4:].isdigit():
+            continue                                        # other nnU-Net channels: CASE_0001, ...
+        lab = next((p for p in (lab_dir / f"{name}.nii.gz", lab_dir / f"{name}.nii") if p.is_file()), None)
+        if lab is None and require_labels:
+            raise DataError(f"{img}: no label {lab_dir / (name + '.nii.gz')}")
+        cases.append(Case(name, img, lab, channel, modality))
+    if not cases:
+        raise DataError(f"{img_dir}: no NIfTI images (.nii, .nii.gz)")
+    return cases
+
+
+def _read_nifti(path: Path):
+    import nibabel as nib
+    if not Path(path).is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+    except Exception as e:   # nibabel and gzip raise many types for truncated or corrupted files
+        raise DataError(f"{path}: cannot read NIfTI ({type(e).__name__}: {e})") from None
+    return img, data
+
+
+@dataclass
+class Geometry:
+    """What is needed to write a prediction back onto the input's own grid."""
+    shape: tuple            # original array shape (3-D)
+    affine: list            # original affine (4x4, as nested lists for JSON)
+    ornt: list              # nibabel orientation of the original axes -> RAS
+    spacing: tuple          # mm, along the RAS-ordered axes
+
+
+def load_case(case: Case, need_label: bool = True):
+    """(image float32, label uint8 or None, Geometry), arrays reoriented to RAS; raises DataError on bad input."""
+    import nibabel as nib
+    from nibabel import orientations as O
+    img, data = _read_nifti(case.image)
+    if data.ndim == 4:
+        if not 0 <= case.channel < data.shape[3]:
+            raise DataError(f"{case.image}: channel {case.channel} requested, image has {data.shape[3]}")
+        data = data[..., case.channel]
+    if data.ndim != 3:
+        raise DataError(f"{case.image}: expected a 3-D volume (or 4-D with channels), got shape {data.shape}")
+    data = np.asarray(data, dtype=np.float32)
+    if not np.all(np.isfinite(data)):
+        raise DataError(f"{case.image}: image holds NaN or infinite voxels")
+    zooms = np.asarray(img.header.get_zooms()[:3], dtype=np.float64)
+    if not np.all(np.isfinite(zooms)) or np.any(zooms <= 0):
+        raise DataError(f"{case.image}: voxel spacing must be positive, header says {zooms.tolist()} mm")
+    if abs(np.linalg.det(img.affine[:3, :3])) < 1e-9:
+        raise DataError(f"{case.image}: singular affine (zero spacing?)\n{img.affine}")
+    if min(data.shape) < 2:
+        raise DataError(f"{case.image}: volume too small, shape {data.shape}")
+    ornt = O.io_orientation(img.affine)
+    spacing = np.empty(3)
+    spacing[ornt[:, 0].astype(int)] = zooms
+    geo = Geometry(tuple(int(s) for s in data.shape), img.affine.tolist(), ornt.tolist(), tuple(spacing.tolist()))
+    label = None
+    if case.label is not None and need_label:
+        limg, ldata = _read_nifti(case.label)
+        ldata = np.asarray(ldata)
+        if ldata.ndim == 4 and ldata.shape[3] == 1:
+            ldata = ldata[..., 0]
+        if ldata.shape != data.shape:
+            raise DataError(f"{case.label}: label shape {ldata.shape} does not match image shape {data.shape}")
+        if not np.allclose(limg.affine, img.affine, atol=1e-3):
+            raise DataError(f"{case.label}: label affine does not match the image's\n{limg.affine}\nvs\n{img.affine}")
+        if not np.all(np.isfinite(ldata)):
+            raise DataError(f"{case.label}: label holds NaN or infinite values")
+        label = O.apply_orientation((ldata > 0).astype(np.uint8), ornt)   # every label value > 0 is prostate
+    return O.apply_orientation(data, ornt).astype(np.float32), label, geo
+
+
+def detect_modality(image: np.ndarray) -> str:
+    """CT if the image holds air in Hounsfield units (< -500), else MR."""
+    return "ct" if float(image.min()) < -500 else "mr"
+
+
+# ---------------------------------------------------------------------------------------------- preprocessing
+
+def resample_to(volume: np.ndarray, spacing, new_spacing: float = SPACING_MM, order: int = 1) -> np.ndarray:
+    """Section IV-B: trilinear resampling (order=1) onto a grid of `new_spacing` mm whose voxel 0 is the
+    input's voxel 0; the physical extent (n-1)*spacing is kept, to within one output voxel."""
+    spacing = np.asarray(spacing, float)
+    out_shape = tuple(int(math.floor((n - 1) * s / new_spacing + 1e-6)) + 1 for n, s in zip(volume.shape, spacing))
+    return ndimage.affine_transform(volume.astype(np.float32, copy=False), new_spacing / spacing,
+                                    output_shape=out_shape, order=order, mode="nearest")
+
+
+def resample_label(label: np.ndarray, spacing, new_spacing: float = SPACING_MM) -> np.ndarray:
+    """Labels are resampled as a float occupancy with trilinear interpolation and thresholded at 0.5, so the
+    mask keeps its shape and volume (nearest neighbour would give staircase edges on thick slices)."""
+    return (resample_to(label.astype(np.float32), spacing, new_spacing) >= 0.5).astype(np.uint8)
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    lab, n = ndimage.label(mask)
+    if n == 0:
+        return mask
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    return lab == sizes.argmax()
+
+
+def body_box(image: np.ndarray, modality: str):
+    """Section IV-B: "cropped by a simple threshold-based method": threshold, largest connected component,
+    its bounding box. CT: HU > -500. MR (paper silent): > 10 % of the 99th percentile."""
+    thr = CT_BODY_HU if modality == "ct" else 0.1 * float(np.percentile(image, 99))
+    small = image[::2, ::2, ::2] > thr                    # the component search at 2 mm is plenty for a box
+    body = largest_component(small)
+    if not body.any():
+        return tuple(slice(0, n) for n in image.shape), np.ones(image.shape, bool)
+    box = []
+    for axis in range(3):
+        idx = np.flatnonzero(body.any(axis=tuple(a for a in range(3) if a != axis)))
+        box.append(slice(max(2 * idx[0] - 2, 0), min(2 * idx[-1] + 3, image.shape[axis])))
+    return tuple(box), body
+
+
+def normalise(image: np.ndarray, modality: str, body_sample: np.ndarray | None = None) -> np.ndarray:
+    """Section IV-B: intensities to [0, 255] (uint8). CT: the fixed HU window CT_WINDOW_HU. MR: percentiles."""
+    if modality == "ct":
+        lo, hi = CT_WINDOW_HU
+    else:
+        ref = body_sample if body_sample is not None and body_sample.size else image
+        lo, hi = (float(v) for v in np.percentile(ref, MR_PERCENTILES))
+        hi = hi if hi > lo else lo + 1.0
+    return np.round(np.clip((image - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
+
+
+def femoral_head_centre(hu: np.ndarray, body_mask_2mm: np.ndarray | None = None):
+    """Section III-A: "The reference prostate center is determined by the center of two femur heads."
+
+    Paper is silent on how the heads are found. On the 1-mm CT in HU: bone = HU > 200; holes filled slice
+    by slice (the trabecular core may fall below the threshold); connected components smaller than a 12-mm
+    ball are dropped (calcifications, fragments). A femoral head is the thickest bone there is, so its
+    centre is the deepest point of the bone mask (maximum of its Euclidean distance transform), one on each
+    side of the body's mid-line. Returns (centre (3,) in voxel coordinates or None, message)."""
+    bone = hu > CT_BONE_HU
+    if not bone.any():
+        return None, "no bone above 200 HU (not a CT, or no femoral heads in the field of view)"
+    bone = np.stack([ndimage.binary_fill_holes(bone[..., z]) for z in range(bone.shape[2])], axis=2)
+    lab, n = ndimage.label(bone)
+    sizes = np.bincount(lab.ravel())
+    keep = sizes >= (4 / 3) * math.pi * 12 ** 3
+    keep[0] = False
+    bone = keep[lab]
+    if not bone.any():
+        return None, "no bone component as large as a femoral head"
+    depth = ndimage.distance_transform_edt(bone)
+    mid = int(round(np.argwhere(body_mask_2mm).mean(0)[0] * 2)) if body_mask_2mm is not None and body_mask_2mm.any() \
+        else hu.shape[0] // 2
+    centres = []
+    for side in (slice(0, mid), slice(mid, hu.shape[0])):
+        d = depth[side]
+        if d.size == 0 or d.max() < 12:
+            return None, f"no femoral head found on one side (deepest bone {d.max() if d.size else 0:.0f} mm < 12 mm)"
+        c = np.array(np.unravel_index(int(d.argmax()), d.shape), float)
+        c[0] += side.start
+        centres.append(c)
+    sep, dz = abs(centres[1][0] - centres[0][0]), abs(centres[1][2] - centres[0][2])
+    if not (100 <= sep <= 280 and dz <= 30):
+        return None, f"implausible femoral heads (separation {sep:.0f} mm, height difference {dz:.0f} mm)"
+    return (centres[0] + centres[1]) / 2, "midpoint of the two femoral heads"
+
+
+@dataclass
+class Prepared:
+    """A preprocessed case: 1-mm, RAS, body-cropped uint8 image (and label), and how to map back."""
+    name: str
+    image: np.ndarray                 # uint8 (X, Y, Z), [0, 255]
+    label: np.ndarray | None          # uint8 0/1 or None
+    meta: dict = field(default_factory=dict)
+    # meta: geometry (Geometry as dict), modality, box_start (crop offset in the 1-mm grid), grid_shape
+    #       (full 1-mm grid), reference_centre (femoral midpoint in crop voxels or None), reference_note
+
+
+def preprocess(case: Case, need_label: bool = True, log=None) -> Prepared:
+    """Section IV-B preprocessing of one case (see the module docstring)."""
+    image, label, geo = load_case(case, need_label)
+    modality = case.modality if case.modality in ("ct", "mr") else detect_modality(image)
+    hu = resample_to(image, geo.spacing)
+    box, body2 = body_box(hu, modality)
+    hu = hu[box]
+    ref, note = (femoral_head_centre(hu, None) if modality == "ct"
+                 else (None, "MR: no femoral-head reference, the Stage-1 estimate is used alone"))
+    if log and ref is None:
+        log(f"  {case.name}: reference centre not found ({note}); falling back to the Stage-1 estimate")
+    sample = hu[::2, ::2, ::2]
+    img8 = normalise(hu, modality, sample[sample > np.percentile(sample, 10)] if modality == "mr" else None)
+    lab8 = None
+    if label is not None:
+        lab8 = resample_label(label, geo.spacing)[box]
+        if need_label and not lab8.any():
+            raise DataError(f"{case.label}: label is empty (no voxel > 0 after resampling to 1 mm)")
+    meta = dict(geometry=geo.__dict__, modality=modality, box_start=[int(s.start) for s in box],
+                grid_shape=[int(n) for n in resample_shape(geo.shape, geo.spacing)],
+                reference_centre=None if ref is None else [float(v) for v in ref], reference_note=note,
+                source=str(case.image))
+    return Prepared(case.name, img8, lab8, meta)
+
+
+def resample_shape(shape, spacing, new_spacing: float = SPACING_MM):
+    return tuple(int(math.floor((n - 1) * s / new_spacing + 1e-6)) + 1 for n, s in zip(shape, spacing))
+
+
+def _atomic_save_npz(path: Path, **arrays) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def prepare_cases(cases: list[Case], cache_dir, need_label: bool = True, log=print) -> list[Prepared]:
+    """Preprocess every case once and cache it (uint8 .npz + JSON meta) under cache_dir; later calls read
+    the cache. A cache entry is keyed by the source files' paths, sizes and mtimes and by the settings."""
+    cache_dir = Path(cache_dir)
+    out = []
+    t0 = time.time()
+    for i, case in enumerate(cases, 1):
+        key = hashlib.sha1(json.dumps([str(case.image.resolve()), _stamp(case.image), str(case.label),
+                                       _stamp(case.label), case.channel, case.modality, need_label,
+                                       CT_WINDOW_HU, MR_PERCENTILES, SPACING_MM, 2]).encode()).hexdigest()[:16]
+        path = cache_dir / f"{case.name}-{key}.npz"
+        if path.is_file():
+            z = np.load(path, allow_pickle=False)
+            lab = z["label"] if z["label"].size else None
+            out.append(Prepared(case.name, z["image"], lab, json.loads(str(z["meta"]))))
+            continue
+        p = preprocess(case, need_label, log)
+        _atomic_save_npz(path, image=p.image, label=p.label if p.label is not None else np.zeros(0, np.uint8),
+                         meta=np.array(json.dumps(p.meta)))
+        out.append(p)
+        if log:
+            log(f"  preprocessed {i}/{len(cases)} {case.name}: {p.image.shape} at 1 mm, {p.meta['modality']}, "
+                f"{time.time() - t0:.0f} s")
+    return out
+
+
+def _stamp(path):
+    if path is None:
+        return None
+    st = Path(path).stat()
+    return [st.st_size, int(st.st_mtime)]
+
+
+def split_cases(names: list[str], seed: int = 0, fractions=(0.7, 0.1, 0.2)):
+    """Section IV-A: random 70 / 10 / 20 split, deterministic in `seed` and independent of listing order.
+    With 3 or more cases each part gets at least one case."""
+    names = sorted(names)
+    perm = np.random.default_rng(seed).permutation(len(names))
+    n = len(names)
+    n_val = max(1, round(fractions[1] * n)) if n >= 3 else 0
+    n_test = max(1, round(fractions[2] * n)) if n >= 3 else 0
+    n_train = n - n_val - n_test
+    order = [names[i] for i in perm]
+    return order[:n_train], order[n_train:n_train + n_val], order[n_train + n_val:]
+
+
+# ---------------------------------------------------------------------------------------------- Stage 1
+
+def stage1_volume(volume: np.ndarray, factor: int = STAGE1_FACTOR, order: int = 1) -> np.ndarray:
+    """Section III-A: "we down-sample the images into 1/4 size of the original scale by trilinear
+    interpolation": voxel j of the result sits at voxel factor*j of the input."""
+    out_shape = tuple((n - 1) // factor + 1 for n in volume.shape)
+    return ndimage.affine_transform(volume.astype(np.float32), np.full(3, float(factor)),
+                                    output_shape=out_shape, order=order, mode="nearest")
+
+
+def stage1_pair(p: Prepared):
+    """(1/4-size image uint8, 1/4-size label uint8) of a preprocessed case."""
+    img = np.round(stage1_volume(p.image)).astype(np.uint8)
+    lab = None if p.label is None else (stage1_volume(p.label.astype(np.float32)) >= 0.5).astype(np.uint8)
+    return img, lab
+
+
+# ---------------------------------------------------------------------------------------------- Stage 2
+
+def label_centre(label: np.ndarray) -> np.ndarray:
+    return np.argwhere(label > 0).mean(0)
+
+
+def crop_around(volume: np.ndarray, centre, size: int = CROP_SIZE, fill: int = 0):
+    """Section III-A: a size^3 crop centred on `centre` (voxels), padded with `fill` where it runs past the
+    volume (fill 0 = air after normalisation). Returns (crop, start) with start the crop's corner in
+    `volume`'s voxels (may be negative)."""
+    start = np.round(np.asarray(centre, float)).astype(int) - size // 2
+    out = np.full((size,) * 3, fill, dtype=volume.dtype)
+    src = tuple(slice(max(s, 0), min(s + size, n)) for s, n in zip(start, volume.shape))
+    dst = tuple(slice(a.start - s, a.stop - s) for a, s in zip(src, start))
+    if all(a.stop > a.start for a in src):
+        out[dst] = volume[src]
+    return out, start
+
+
+class PatchDataset:
+    """2.5D training patches (Section III-A for Stage 1, IV-B for Stage 2) from in-memory uint8 volumes.
+
+    Item i is patch (i mod patches_per_image) of volume (i // patches_per_image): `n_slices` adjacent axial
+    slices as channels (scaled to [0, 1]) and the label of the middle slice. Its position is drawn from a
+    generator seeded by (seed, epoch, i), so an index always gives the same patch within an epoch: with a
+    DistributedSampler each rank draws different indices and so different patches. Slices past the volume
+    repeat the edge slice; in-plane, volumes smaller than the patch are zero-padded.
+
+    Paper is silent on where patches are drawn ("randomly cropped ... in a sliding-window fashion"). A
+    fraction `fg_fraction` of patches (default 0.5) is centred on a random prostate voxel, the rest are
+    uniform over the volume, because the prostate fills about 3 % of a 128^3 crop (nnU-Net oversamples
+    foreground the same way, with 1/3)."""
+
+    def __init__(self, images, labels, patch: int = 64, n_slices: int = 3, patches_per_image: int = 500,
+                 fg_fraction: float = 0.5, seed: int = 0):
+        if len(images) != len(labels) or not images:
+            raise ValueError("need as many labels as images, and at least one")
+        self.images = [self._pad(np.asarray(v), patch) for v in images]
+        self.labels = [self._pad(np.asarray(v), patch) for v in labels]
+        self.fg = [np.argwhere(lab > 0) for lab in self.labels]
+        self.patch, self.n_slices, self.per_image = patch, n_slices, patches_per_image
+        self.fg_fraction, self.seed, self.epoch = fg_fraction, seed, 0
+
+    @staticmethod
+    def _pad(v, patch):
+        pad = [(0, max(0, patch - v.shape[0])), (0, max(0, patch - v.shape[1])), (0, 0)]
+        return np.pad(v, pad) if any(p[1] for p in pad) else v
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.images) * self.per_image
+
+    def __getitem__(self, i):
+        import torch
+        v = i // self.per_image
+        img, lab, fg = self.images[v], self.labels[v], self.fg[v]
+        rng = np.random.default_rng((self.seed, self.epoch, i))
+        P, half = self.patch, self.n_slices // 2
+        if len(fg) and rng.random() < self.fg_fraction:
+            c = fg[rng.integers(len(fg))]
+            x0 = int(np.clip(c[0] - P // 2 + rng.integers(-P // 4, P // 4 + 1), 0, img.shape[0] - P))
+            y0 = int(np.clip(c[1] - P // 2 + rng.integers(-P // 4, P // 4 + 1), 0, img.shape[1] - P))
+            z = int(c[2])
+        else:
+            x0, y0 = rng.integers(0, img.shape[0] - P + 1), rng.integers(0, img.shape[1] - P + 1)
+            z = int(rng.integers(0, img.shape[2]))
+        zs = np.clip(np.arange(z - half, z + half + 1), 0, img.shape[2] - 1)
+        x = img[x0:x0 + P, y0:y0 + P][:, :, zs]                      # (P, P, n_slices)
+        y = lab[x0:x0 + P, y0:y0 + P, z]
+        return (torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1))).float().div_(255.0),
+                torch.from_numpy(np.ascontiguousarray(y)).long())
+
+
+def slices_25d(volume: np.ndarray, n_slices: int, multiple: int = 8):
+    """Every axial slice of a whole volume with its neighbours as channels, for inference without patch
+    voting (Section IV-B): (Z, n_slices, X', Y') float32 in [0, 1], X and Y zero-padded to a multiple of 8."""
+    half = n_slices // 2
+    X, Y, Z = volume.shape
+    Xp, Yp = -(-X // multiple) * multiple, -(-Y // multiple) * multiple
+    v = np.zeros((Xp, Yp, Z), np.float32)
+    v[:X, :Y] = volume
+    idx = np.clip(np.arange(Z)[:, None] + np.arange(-half, half + 1)[None], 0, Z - 1)   # (Z, n_slices)
+    return v[:, :, idx].transpose(2, 3, 0, 1) / 255.0
+
+
+def to_original_grid(prob_1mm: np.ndarray, meta: dict, threshold: float = 0.5) -> np.ndarray:
+    """Inverse of preprocess: a probability map on the body-cropped 1-mm RAS grid -> a uint8 mask on the
+    input's own grid (shape and orientation), by trilinear interpolation of the probability, then > threshold."""
+    from nibabel import orientations as O
+    geo = meta["geometry"]
+    grid = np.zeros(meta["grid_shape"], np.float32)
+    b = meta["box_start"]
+    sl = tuple(slice(s, s + n) for s, n in zip(b, prob_1mm.shape))
+    grid[sl] = prob_1mm
+    spacing = np.asarray(geo["spacing"], float)
+    ras_shape = np.empty(3, int)
+    ornt = np.asarray(geo["ornt"])
+    ras_shape[ornt[:, 0].astype(int)] = geo["shape"]
+    # voxel i of the RAS-ordered original grid sits at i * spacing mm on the 1-mm grid
+    prob = ndimage.affine_transform(grid, spacing / SPACING_MM, output_shape=tuple(ras_shape), order=1,
+                                    mode="constant", cval=0.0)
+    mask = (prob > threshold).astype(np.uint8)
+    back = O.ornt_transform(O.axcodes2ornt(("R", "A", "S")), ornt)     # RAS -> original axes
+    return O.apply_orientation(mask, back)
+
+
+# ---------------------------------------------------------------------------------------------- phantom
+
+def _ellipsoid(shape_mm_grid, centre, radii, rot=None):
+    """Boolean ellipsoid on a grid given as three broadcastable coordinate arrays in mm."""
+    x, y, z = (g - c for g, c in zip(shape_mm_grid, centre))
+    if rot is not None:
+        x, y = x * rot[0] + y * rot[1], -x * rot[1] + y * rot[0]
+    return (x / radii[0]) ** 2 + (y / radii[1]) ** 2 + (z / radii[2]) ** 2 <= 1.0
+
+
+def make_phantom_case(seed: int, spacing=None):
+    """One synthetic pelvic CT in HU (int16) with its prostate mask, on a RAS-ordered grid.
+
+    Anatomy, in mm from the pelvis centre (x right, y anterior, z superior): an elliptical body of
+    subcutaneous fat around muscle; a fatty pelvic cavity; two femoral heads (cortical shell 900-1200 HU,
+    trabecular core 200-350 HU) with their necks; the pubic bones in front of the prostate; a bladder of
+    variable filling above it; a rectum with gas and stool behind it; and the prostate (20-80 ml, lobulated
+    ellipsoid, 25-40 HU) inside a sling of muscle (45-60 HU): a contrast of a few tens of HU. Blurred by an
+    in-plane PSF and the slice profile, then Gaussian noise of sigma 10-25 HU.
+    Returns (hu int16, label uint8, spacing (3,), truth dict)."""
+    rng = np.random.default_rng(seed)
+    s_xy = rng.uniform(0.93, 1.37) if spacing is None else spacing[0]
+    s_z = rng.choice([1.0, 1.25, 1.5, 2.0, 2.5, 3.0]) if spacing is None else spacing[2]
+    ax, ay = rng.uniform(135, 155), rng.uniform(90, 110)            # body half-axes
+    nx, ny, nz = int((2 * ax + 40) / s_xy), int((2 * ay + 40) / s_xy), int(rng.uniform(110, 130) / s_z)
+    y_off = rng.uniform(-8, 8)                                      # body not always centred in the FOV
+    x = ((np.arange(nx) - (nx - 1) / 2) * s_xy)[:, None, None]
+    y = ((np.arange(ny) - (ny - 1) / 2) * s_xy + y_off)[None, :, None]
+    z = ((np.arange(nz) - (nz - 1) / 2) * s_z)[None, None, :]
+    g = (x, y, z)
+
+    def to_vox(p):                                                  # mm -> voxel coordinates
+        return [p[0] / s_xy + (nx - 1) / 2, (p[1] - y_off) / s_xy + (ny - 1) / 2, p[2] / s_z + (nz - 1) / 2]
+
+    hu = np.full((nx, ny, nz), -1000.0, np.float32)
+    # body: fat, then muscle, then the fatty pelvic cavity
+    taper = 1 + 0.08 * z / 60
+    fat = rng.uniform(12, 30)
+    hu[np.broadcast_to((x / (ax * taper)) ** 2 + (y / ay) ** 2 <= 1, hu.shape)] = -100 + rng.normal(0, 5)
+    hu[np.broadcast_to((x / (ax * taper - fat)) ** 2 + (y / (ay - fat)) ** 2 <= 1, hu.shape)] = 50
+    hu[np.broadcast_to((x / 62) ** 2 + ((y - 5) / 48) ** 2 <= 1, hu.shape)] = -85
+    # femoral heads and necks
+    xf, yf, zf, rf = rng.uniform(78, 88), rng.uniform(-5, 10), rng.uniform(-5, 15), rng.uniform(20, 24)
+    heads = []
+    for sgn in (-1, 1):
+        c = np.array([sgn * xf, yf, zf]) + rng.normal(0, 1.0, 3)
+        heads.append(c)
+        for t in np.linspace(0, 1, 12):                             # neck: chain of balls, lateral-inferior
+            cc = c + t * np.array([sgn * 28, -5, -38])
+            hu[_ellipsoid(g, cc, (12, 12, 12))] = 700
+        hu[_ellipsoid(g, c, (rf, rf, rf))] = rng.uniform(900, 1200)
+        hu[_ellipsoid(g, c, (rf - 2.5,) * 3)] = rng.uniform(200, 350)
+    mid = (heads[0] + heads[1]) / 2
+    # prostate: below the femoral-head level, lobulated ellipsoid of 20-80 ml
+    vol_ml = rng.uniform(20, 80)
+    shape = rng.uniform(0.8, 1.25, 3)
+    r = (vol_ml * 1000 * 3 / (4 * math.pi) / np.prod(shape)) ** (1 / 3) * shape
+    pc = mid + np.array([rng.normal(0, 3), rng.uniform(-8, 6), -rng.uniform(12, 28)])
+    ang = rng.uniform(-0.3, 0.3)
+    rot = (math.cos(ang), math.sin(ang))
+    # muscle sling (levator ani) and obturator muscles around the prostate, then the pubic bones in front
+    hu[_ellipsoid(g, pc + [0, -4, -3], r * [1.45, 1.4, 1.25], rot)] = rng.uniform(45, 60)
+    for sgn in (-1, 1):
+        hu[_ellipsoid(g, pc + [sgn * (r[0] + 14), 0, 0], (10, 30, 28))] = rng.uniform(45, 60)
+        hu[_ellipsoid(g, pc + [sgn * 22, r[1] + 20, 2], (20, 6, 12))] = 800   # pubic rami
+    hu[_ellipsoid(g, pc + [0, r[1] + 22, 2], (8, 9, 16))] = 600              # symphysis
+    for sgn in (-1, 1):                                                       # ischial bones, behind-lateral
+        hu[_ellipsoid(g, pc + [sgn * 52, -r[1] - 12, -8], (11, 16, 30))] = 750
+    # lobulated prostate: radius modulated by smooth random bumps
+    px, py, pz = (gi - ci for gi, ci in zip(g, pc))
+    px, py = px * rot[0] + py * rot[1], -px * rot[1] + py * rot[0]
+    rho = np.sqrt((px / r[0]) ** 2 + (py / r[1]) ** 2 + (pz / r[2]) ** 2)
+    theta = np.arctan2(py, px)
+    bump = 1 + 0.06 * np.sin(2 * theta + rng.uniform(0, 6)) + 0.05 * np.cos(3 * theta + rng.uniform(0, 6)) \
+        + 0.05 * pz / r[2] * np.sign(py)
+    prostate = np.broadcast_to(rho <= bump, hu.shape)
+    hu[prostate] = rng.uniform(25, 40)
+    # bladder above, with a muscular wall; filling varies
+    br = np.array([rng.uniform(28, 55), rng.uniform(22, 42), rng.uniform(18, 38)])
+    bc = pc + np.array([0, rng.uniform(0, 10), r[2] + br[2] * 0.85])
+    hu[_ellipsoid(g, bc, br + 3) & ~prostate] = 45
+    hu[_ellipsoid(g, bc, br) & ~prostate] = rng.uniform(0, 15)
+    # rectum behind, along z with a slight curve; wall, stool and gas
+    rr = rng.uniform(13, 19)
+    ry = pc[1] - r[1] - rr - rng.uniform(2, 6)
+    curve = ry + 0.004 * (z - pc[2]) ** 2
+    tube = (x - pc[0]) ** 2 + (y - curve) ** 2
+    hu[np.broadcast_to(tube <= rr ** 2, hu.shape) & ~prostate] = 40
+    lumen = np.broadcast_to(tube <= (rr - 3) ** 2, hu.shape)
+    stool = ndimage.gaussian_filter(rng.normal(0, 1, hu.shape).astype(np.float32), 2.0)
+    hu[lumen] = np.where(stool[lumen] > 0.12, -900, 20 + 400 * stool[lumen])
+    hu[_ellipsoid(g, [pc[0], ry - rr - 14, pc[2] + 35], (22, 10, 35))] = 650   # sacrum / coccyx behind the rectum
+    # slice profile (Gaussian, FWHM = one slice) and in-plane PSF, then noise
+    hu = ndimage.gaussian_filter(hu, (0.7 / s_xy, 0.7 / s_xy, 0.45))
+    hu += rng.normal(0, rng.uniform(10, 25), hu.shape).astype(np.float32)
+    label = np.asarray(prostate, np.uint8)
+    truth = dict(femoral_head_centres_vox=[to_vox(h) for h in heads], femoral_midpoint_vox=to_vox(mid),
+                 prostate_centre_vox=to_vox(pc), prostate_volume_ml=float(label.sum() * s_xy * s_xy * s_z / 1000))
+    return np.clip(np.round(hu), -1024, 3071).astype(np.int16), label, np.array([s_xy, s_xy, s_z]), truth
+
+
+def make_phantom(out_dir, cases: int = 20, seed: int = 0, log=print) -> Path:
+    """Write a Decathlon-layout phantom data set (dataset.json, imagesTr, labelsTr) into a new folder.
+
+    Each case has its own spacing (in-plane 0.93-1.37 mm, slices 1-3 mm, as in Section IV-A) and affine;
+    odd cases are stored LPS (x and y flipped, as DICOM converters write CT) to exercise reorientation."""
+    import nibabel as nib
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; the phantom is only written to a new folder")
+    (out / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (out / "labelsTr").mkdir(exist_ok=True)
+    training, truth = [], {}
+    t0 = time.time()
+    for i in range(cases):
+        hu, lab, sp, tr = make_phantom_case(seed * 100003 + i)
+        name = f"phantom_{i:03d}"
+        aff = np.diag([sp[0], sp[1], sp[2], 1.0])
+        aff[:3, 3] = np.random.default_rng(seed * 7 + i).uniform(-200, 200, 3)
+        if i % 2:                                                     # store as LPS
+            hu, lab = hu[::-1, ::-1], lab[::-1, ::-1]
+            aff = aff @ np.array([[-1, 0, 0, hu.shape[0] - 1], [0, -1, 0, hu.shape[1] - 1],
+                                  [0, 0, 1, 0], [0, 0, 0, 1]], float)
+            n = hu.shape
+            for key in ("femoral_head_centres_vox",):
+                tr[key] = [[n[0] - 1 - c[0], n[1] - 1 - c[1], c[2]] for c in tr[key]]
+            for key in ("femoral_midpoint_vox", "prostate_centre_vox"):
+                c = tr[key]
+                tr[key] = [n[0] - 1 - c[0], n[1] - 1 - c[1], c[2]]
+        tr["femoral_midpoint_world"] = (aff @ np.r_[tr["femoral_midpoint_vox"], 1])[:3].tolist()
+        img = nib.Nifti1Image(np.ascontiguousarray(hu), aff)
+        img.header.set_xyzt_units("mm")
+        nib.save(img, str(out / "imagesTr" / f"{name}.nii.gz"))
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(lab), aff), str(out / "labelsTr" / f"{name}.nii.gz"))
+        training.append({"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz"})
+        truth[name] = tr
+        if log:
+            log(f"  phantom {i + 1}/{cases}: {name} {hu.shape} at {sp.round(2).tolist()} mm, prostate "
+                f"{tr['prostate_volume_ml']:.0f} ml ({time.time() - t0:.0f} s)")
+    meta = {"name": "MetricUNet synthetic pelvic CT phantom", "description": "data.py make_phantom, seed %d" % seed,
+            "modality": {"0": "CT"}, "labels": {"0": "background", "1": "prostate"},
+            "numTraining": cases, "training": training, "phantom_truth": truth}
+    (out / "dataset.json").write_text(json.dumps(meta, indent=1))
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    ph = sub.add_parser("phantom", help="write a synthetic pelvic-CT data set (Decathlon layout)")
+    ph.add_argument("out_dir")
+    ph.add_argument("--cases", type=int, default=20)
+    ph.add_argument("--seed", type=int, default=0)
+    ins = sub.add_parser("inspect", help="list a data set's cases and split, preprocess and cache them")
+    ins.add_argument("data_dir")
+    ins.add_argument("--channel", default="0")
+    ins.add_argument("--cache", default="data_cache")
+    ins.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    try:
+        if args.cmd == "phantom":
+            make_phantom(args.out_dir, args.cases, args.seed)
+        else:
+            cases = find_cases(args.data_dir, args.channel)
+            tr, va, te = split_cases([c.name for c in cases], args.seed)
+            print(f"{len(cases)} cases; split train {len(tr)} / val {len(va)} / test {len(te)}")
+            for prep in prepare_cases(cases, args.cache):
+                print(f"  {prep.name}: 1-mm body crop {prep.image.shape}, prostate {prep.label.sum() / 1000:.0f} ml, "
+                      f"reference: {prep.meta['reference_note']}")
+    except (DataError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
