@@ -61,7 +61,106 @@ def bench_model(args, device):
         print(f"  {name:>8}: median {med[name]*1000:9.1f} ms/step over {len(t)} steps "
               f"(min {min(t)*1000:.1f}, max {max(t)*1000:.1f})")
     print(f"  overhead of MetricUNet-{args.config} over UNet: {100 * (med[args.config] / med['UNet'] - 1):+.2f} %"
-          f"  (paper: < 10 %)")
+          f"  (paper: < 10 %; full steps on a busy CPU vary by several %, see the isolated cost below)")
+    # The metric module alone: Eq. 4's extra terms (samplers, Eq. 2, their backward into conv6d) on fixed
+    # network outputs, minus the cross-entropy alone, timed side by side.
+    with torch.no_grad():
+        logits, feats = M.build_model("UNet", width=args.width).to(device)(x)
+    logits.requires_grad_(True)
+    feats.requires_grad_(True)
+    gen = torch.Generator(device=device).manual_seed(0)
+    extra = {}
+    for name in ("UNet", args.config):
+        cfg = M.get_config(name)
+        fn = lambda cfg=cfg: M.total_loss(logits, feats, labels, cfg, generator=gen)[0].backward()
+        timed(fn, device)
+        extra[name] = statistics.median(timed(fn, device) for _ in range(max(5, args.repeats)))
+    cost = extra[args.config] - extra["UNet"]
+    print(f"  metric module alone: {cost * 1000:.1f} ms per step = {100 * cost / med['UNet']:.2f} % of a UNet step")
+
+
+def bench_metrics(args, device):
+    """metrics.py: HD95 + ASD with the transforms cropped to the masks' box vs over the whole volume."""
+    import numpy as np
+    import metrics
+    sp = np.array([0.9, 0.9, 2.5])
+    shape = (512, 512, 160)
+    x, y, z = (np.arange(n)[tuple(slice(None) if a == i else None for a in range(3))] * s
+               for i, (n, s) in enumerate(zip(shape, sp)))
+    gt = ((x - 230) / 20) ** 2 + ((y - 250) / 15) ** 2 + ((z - 200) / 17.5) ** 2 <= 1     # 40 x 30 x 35 mm
+    pred = ((x - 232.5) / 21) ** 2 + ((y - 248) / 14) ** 2 + ((z - 203) / 17) ** 2 <= 1
+    res = {}
+    for name, crop in (("cropped", True), ("whole volume", False)):
+        t = []
+        for _ in range(args.repeats if crop else max(1, args.repeats // 3)):
+            t0 = time.perf_counter()
+            res[name] = metrics.distance_metrics(pred, gt, sp, crop=crop)
+            t.append(time.perf_counter() - t0)
+        res[name + " s"] = statistics.median(t)
+        print(f"  {name:>12}: median {res[name + ' s'] * 1000:9.1f} ms   HD95 {res[name]['HD95']:.4f} mm, "
+              f"ASD {res[name]['ASD']:.4f} mm")
+    same = all(res["cropped"][k] == res["whole volume"][k] for k in res["cropped"])
+    print(f"  speed-up {res['whole volume s'] / res['cropped s']:.0f}x, identical values: {same}")
+
+
+def bench_loader(args, device):
+    """The Stage-2 loader (128^3 crops, 64x64x3 patches) vs what a training step consumes at batch 30."""
+    import numpy as np
+    from torch.utils.data import DataLoader
+    import data
+    import metricunet as M
+    rng = np.random.default_rng(0)
+    vols = [rng.integers(0, 255, (128, 128, 128), dtype=np.uint8) for _ in range(8)]
+    labs = [np.zeros((128, 128, 128), np.uint8) for _ in range(8)]
+    for lab in labs:
+        lab[44:84, 50:80, 46:81] = 1
+    ds = data.PatchDataset(vols, labs, patch=64, n_slices=3, patches_per_image=500)
+    for workers in (0, 2):
+        loader = DataLoader(ds, batch_size=args.batch, shuffle=True, num_workers=workers, drop_last=True)
+        t0, n = time.perf_counter(), 0
+        for x, _ in loader:
+            n += len(x)
+            if n >= 3000:
+                break
+        print(f"  loader, {workers} workers: {n / (time.perf_counter() - t0):9.0f} patches/s")
+    for width in (args.width, 0.25):
+        model = M.build_model("HCP", width=width).to(device)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        x = torch.rand(args.batch, 3, 64, 64, device=device)
+        y = torch.zeros(args.batch, 64, 64, dtype=torch.long, device=device)
+        y[:, 20:40, 20:40] = 1
+
+        def step():
+            logits, feats = model(x)
+            loss, _ = M.total_loss(logits, feats, y, M.get_config("HCP"))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        timed(step, device)
+        t = statistics.median(timed(step, device) for _ in range(3))
+        print(f"  training step, width {width}: {args.batch / t:9.0f} patches/s consumed")
+
+
+def bench_infer(args, device):
+    """One phantom case through infer.segment, per stage (untrained weights: timing only)."""
+    import tempfile
+    import data
+    import infer
+    import metricunet as M
+    with tempfile.TemporaryDirectory() as tmp:
+        root = data.make_phantom(f"{tmp}/ph", cases=1, seed=5, log=None)
+        case = data.find_cases(root)[0]
+        t0 = time.perf_counter()
+        prep = data.preprocess(case)
+        print(f"  preprocessing {prep.image.shape} at 1 mm: {time.perf_counter() - t0:.2f} s")
+        for width, filters in ((1.0, 32), (0.25, 16)):
+            s1 = M.LightUNet(5, filters=filters).to(device).eval()
+            s2 = M.build_model("HCP", width=width).to(device).eval()
+            img1, _ = data.stage1_pair(prep)
+            t1 = timed(lambda: infer.predict_volume(s1, img1, 5, device), device)
+            crop, _ = data.crop_around(prep.image, data.label_centre(prep.label))
+            t2 = timed(lambda: infer.predict_volume(s2, crop, 3, device), device)
+            print(f"  width {width}: stage 1 {t1:.2f} s, stage 2 (128 slices of 128x128) {t2:.2f} s")
 
 
 def main():
@@ -75,7 +174,7 @@ def main():
     args = p.parse_args()
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")
-    entries = {"model": bench_model}
+    entries = {"model": bench_model, "metrics": bench_metrics, "loader": bench_loader, "infer": bench_infer}
     for name, fn in entries.items():
         if args.what in (name, "all"):
             print(f"[{name}]")

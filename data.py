@@ -202,8 +202,20 @@ def resample_to(volume: np.ndarray, spacing, new_spacing: float = SPACING_MM, or
 
 def resample_label(label: np.ndarray, spacing, new_spacing: float = SPACING_MM) -> np.ndarray:
     """Labels are resampled as a float occupancy with trilinear interpolation and thresholded at 0.5, so the
-    mask keeps its shape and volume (nearest neighbour would give staircase edges on thick slices)."""
-    return (resample_to(label.astype(np.float32), spacing, new_spacing) >= 0.5).astype(np.uint8)
+    mask keeps its shape and volume (nearest neighbour would give staircase edges on thick slices).
+    Only the label's bounding box (plus a voxel) is interpolated; the rest of the output is 0."""
+    spacing = np.asarray(spacing, float)
+    out = np.zeros(resample_shape(label.shape, spacing, new_spacing), np.uint8)
+    idx = np.argwhere(label > 0)
+    if len(idx) == 0:
+        return out
+    lo = np.maximum(idx.min(0) - 1, 0) * spacing / new_spacing
+    hi = np.minimum(idx.max(0) + 1, np.array(label.shape) - 1) * spacing / new_spacing
+    o_lo, o_hi = np.ceil(lo - 1e-6).astype(int), np.minimum(np.floor(hi + 1e-6).astype(int), np.array(out.shape) - 1)
+    sub = ndimage.affine_transform(label.astype(np.float32), new_spacing / spacing, offset=o_lo * new_spacing / spacing,
+                                   output_shape=tuple(o_hi - o_lo + 1), order=1, mode="nearest")
+    out[tuple(slice(a, b + 1) for a, b in zip(o_lo, o_hi))] = sub >= 0.5
+    return out
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
@@ -260,17 +272,22 @@ def femoral_head_centre(hu: np.ndarray, body_mask_2mm: np.ndarray | None = None)
     bone = keep[lab]
     if not bone.any():
         return None, "no bone component as large as a femoral head"
-    depth = ndimage.distance_transform_edt(bone)
+    # deepest bone point: the distance transform at 2 mm finds it, then an exact 1-mm transform in a box
+    # around it (larger than the head, so the nearest non-bone voxel is always inside the box) refines it
+    coarse = ndimage.distance_transform_edt(bone[::2, ::2, ::2], sampling=2.0)
     mid = int(round(np.argwhere(body_mask_2mm).mean(0)[0] * 2)) if body_mask_2mm is not None and body_mask_2mm.any() \
         else hu.shape[0] // 2
     centres = []
-    for side in (slice(0, mid), slice(mid, hu.shape[0])):
-        d = depth[side]
+    for lo, hi in ((0, mid), (mid, hu.shape[0])):
+        d = coarse[lo // 2:(hi + 1) // 2]
         if d.size == 0 or d.max() < 12:
             return None, f"no femoral head found on one side (deepest bone {d.max() if d.size else 0:.0f} mm < 12 mm)"
-        c = np.array(np.unravel_index(int(d.argmax()), d.shape), float)
-        c[0] += side.start
-        centres.append(c)
+        c = np.array(np.unravel_index(int(d.argmax()), d.shape)) * 2
+        c[0] += (lo // 2) * 2
+        r = int(d.max()) + 8
+        box = tuple(slice(max(int(v) - r, 0), min(int(v) + r + 1, n)) for v, n in zip(c, hu.shape))
+        fine = ndimage.distance_transform_edt(np.pad(bone[box], 1))[1:-1, 1:-1, 1:-1]
+        centres.append(np.array(np.unravel_index(int(fine.argmax()), fine.shape), float) + [b.start for b in box])
     sep, dz = abs(centres[1][0] - centres[0][0]), abs(centres[1][2] - centres[0][2])
     if not (100 <= sep <= 280 and dz <= 30):
         return None, f"implausible femoral heads (separation {sep:.0f} mm, height difference {dz:.0f} mm)"
@@ -417,8 +434,9 @@ class PatchDataset:
 
     Item i is patch (i mod patches_per_image) of volume (i // patches_per_image): `n_slices` adjacent axial
     slices as channels (scaled to [0, 1]) and the label of the middle slice. Its position is drawn from a
-    generator seeded by (seed, epoch, i), so an index always gives the same patch within an epoch: with a
-    DistributedSampler each rank draws different indices and so different patches. Slices past the volume
+    generator seeded by (seed, i), so the training set is a fixed set of patches per image, as in Section
+    IV-B ("we cropped 500 patches from each training image"), the same in every DataLoader worker and after
+    a resume; a DistributedSampler gives each rank different indices and so different patches. Slices past the volume
     repeat the edge slice; in-plane, volumes smaller than the patch are zero-padded.
 
     Paper is silent on where patches are drawn ("randomly cropped ... in a sliding-window fashion"). A
@@ -434,15 +452,12 @@ class PatchDataset:
         self.labels = [self._pad(np.asarray(v), patch) for v in labels]
         self.fg = [np.argwhere(lab > 0) for lab in self.labels]
         self.patch, self.n_slices, self.per_image = patch, n_slices, patches_per_image
-        self.fg_fraction, self.seed, self.epoch = fg_fraction, seed, 0
+        self.fg_fraction, self.seed = fg_fraction, seed
 
     @staticmethod
     def _pad(v, patch):
         pad = [(0, max(0, patch - v.shape[0])), (0, max(0, patch - v.shape[1])), (0, 0)]
         return np.pad(v, pad) if any(p[1] for p in pad) else v
-
-    def set_epoch(self, epoch: int):
-        self.epoch = epoch
 
     def __len__(self):
         return len(self.images) * self.per_image
@@ -451,7 +466,7 @@ class PatchDataset:
         import torch
         v = i // self.per_image
         img, lab, fg = self.images[v], self.labels[v], self.fg[v]
-        rng = np.random.default_rng((self.seed, self.epoch, i))
+        rng = np.random.default_rng((self.seed, i))
         P, half = self.patch, self.n_slices // 2
         if len(fg) and rng.random() < self.fg_fraction:
             c = fg[rng.integers(len(fg))]
@@ -480,25 +495,25 @@ def slices_25d(volume: np.ndarray, n_slices: int, multiple: int = 8):
     return v[:, :, idx].transpose(2, 3, 0, 1) / 255.0
 
 
-def to_original_grid(prob_1mm: np.ndarray, meta: dict, threshold: float = 0.5) -> np.ndarray:
-    """Inverse of preprocess: a probability map on the body-cropped 1-mm RAS grid -> a uint8 mask on the
-    input's own grid (shape and orientation), by trilinear interpolation of the probability, then > threshold."""
+def to_original_grid(prob_1mm: np.ndarray, meta: dict, threshold: float | None = 0.5) -> np.ndarray:
+    """Inverse of preprocess: a probability map on the body-cropped 1-mm RAS grid -> the input's own grid
+    (shape and axis order), by trilinear interpolation of the probability; then a uint8 mask (> threshold),
+    or the float32 probability itself when threshold is None."""
     from nibabel import orientations as O
     geo = meta["geometry"]
     grid = np.zeros(meta["grid_shape"], np.float32)
     b = meta["box_start"]
-    sl = tuple(slice(s, s + n) for s, n in zip(b, prob_1mm.shape))
-    grid[sl] = prob_1mm
+    grid[tuple(slice(s, s + n) for s, n in zip(b, prob_1mm.shape))] = prob_1mm
     spacing = np.asarray(geo["spacing"], float)
-    ras_shape = np.empty(3, int)
     ornt = np.asarray(geo["ornt"])
+    ras_shape = np.empty(3, int)
     ras_shape[ornt[:, 0].astype(int)] = geo["shape"]
     # voxel i of the RAS-ordered original grid sits at i * spacing mm on the 1-mm grid
     prob = ndimage.affine_transform(grid, spacing / SPACING_MM, output_shape=tuple(ras_shape), order=1,
                                     mode="constant", cval=0.0)
-    mask = (prob > threshold).astype(np.uint8)
+    out = prob.astype(np.float32) if threshold is None else (prob > threshold).astype(np.uint8)
     back = O.ornt_transform(O.axcodes2ornt(("R", "A", "S")), ornt)     # RAS -> original axes
-    return O.apply_orientation(mask, back)
+    return np.ascontiguousarray(O.apply_orientation(out, back))
 
 
 # ---------------------------------------------------------------------------------------------- phantom

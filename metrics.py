@@ -227,8 +227,11 @@ def load_mask(path: Path):
     return data > 0, img.affine, np.asarray(img.header.get_zooms()[:3], float)
 
 
-def evaluate_folders(pred_dir, gt_dir, hd95_definition: str = "max", log=print) -> list[dict]:
+def evaluate_folders(pred_dir, gt_dir, hd95_definition: str = "max", log=print, only=None) -> list[dict]:
+    """Score every ground-truth case (or the cases named in `only`) against its prediction."""
     preds, gts = nifti_files(Path(pred_dir)), nifti_files(Path(gt_dir))
+    if only is not None:
+        gts = {k: v for k, v in gts.items() if k in set(only)}
     missing = sorted(set(gts) - set(preds))
     if missing:
         raise ValueError(f"{pred_dir}: no prediction for case(s) {', '.join(missing)} of {gt_dir}")

@@ -1,0 +1,381 @@
+"""Train the two-stage MetricUNet (He et al. 2021), then segment and score the test split.
+
+    python train.py --preset cpu                       # README quick start: phantom, both stages, 2-core CPU
+    python train.py                                    # the paper's setting (MetricUNet-HCP, Table I, batch 30)
+    torchrun --nproc_per_node=4 train.py --config HCP  # the same on 4 GPUs (batch 30 per GPU, Section IV-B)
+    python train.py --data ../shared/data/msd-prostate-subset --channel T2 --preset cpu
+    python train.py --preset cpu --resume              # continue a killed run to the same result
+
+What runs, in order (each step names the paper's section):
+  1. data: the phantom (generated into ./phantom if --data is not given), preprocessed and cached (Section IV-B),
+     split 70/10/20 by seed (Section IV-A);
+  2. Stage 1 (Section III-A): the light UNet on 64x64x5 patches of the 1/4-size body image, cross-entropy;
+  3. Stage 2 (Section III-B): the Table II configuration on 64x64x3 patches of the 128^3 crop around the
+     ground-truth centre, loss of Eq. 4, SGD lr 0.01 with poly decay;
+  4. infer.py on the test split's NIfTI files, then metrics.py (Table III-style summary).
+Run folder (--out, default runs/<config>-<preset>): log.csv (per-step losses and per-epoch validation,
+the data of Fig. 7), stage{1,2}_last.pt and stage{1,2}_best.pt, predictions/, test_metrics.csv + .summary.json.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler
+
+import data
+import metricunet as M
+from infer import predict_volume
+
+# Named presets. 'paper' is Section IV-B; 'cpu' is a small, fast setting for the quick start, never the default.
+# Paper is silent on epochs, momentum and weight decay: 'paper' uses 10 + 20 epochs, momentum 0.9, no decay.
+PRESETS = {
+    "paper": dict(width=1.0, stage1_filters=32, batch=30, patches=500, stage1_patches=500,
+                  epochs1=10, epochs2=20, phantom_cases=40),
+    "cpu": dict(width=0.25, stage1_filters=16, batch=16, patches=200, stage1_patches=200,
+                epochs1=8, epochs2=8, phantom_cases=12),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", help="data set folder (Decathlon, nnU-Net or images/+labels/); default: the phantom")
+    p.add_argument("--phantom-dir", default="phantom", help="where the phantom is generated when --data is absent")
+    p.add_argument("--config", default="HCP", help="Table II row: UNet, UNet++, R-Sep, R, H, ++H, C, HR, HC, HP, HRP, HCP")
+    p.add_argument("--stage", default="both", choices=["1", "2", "both"])
+    p.add_argument("--preset", default="paper", choices=list(PRESETS))
+    p.add_argument("--out", help="run folder (default runs/<config>-<preset>)")
+    p.add_argument("--cache", default="data_cache", help="preprocessed-volume cache folder")
+    p.add_argument("--channel", default="0", help="channel of 4-D images, by index or name (e.g. T2)")
+    p.add_argument("--seed", type=int, default=0)
+    # architecture / batch (defaults from the preset)
+    p.add_argument("--width", type=float, help="Stage-2 width multiplier (1.0 = Table I)")
+    p.add_argument("--stage1-filters", type=int, help="Stage-1 filters (Section III-A: 32)")
+    p.add_argument("--batch", type=int, help="patches per batch per process (Section IV-B: 30)")
+    p.add_argument("--patches", type=int, help="Stage-2 patches per image per epoch (Section IV-B: 500)")
+    p.add_argument("--stage1-patches", type=int, help="Stage-1 patches per image per epoch")
+    p.add_argument("--epochs1", type=int)
+    p.add_argument("--epochs2", type=int)
+    p.add_argument("--phantom-cases", type=int)
+    p.add_argument("--fg-fraction", type=float, default=0.5, help="share of patches centred on the prostate")
+    # optimisation (Section IV-B) and the metric module (Section III-B, Eq. 1-4)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    for name, v in M.PAPER_DEFAULTS.items():
+        p.add_argument(f"--{name}", type=type(v), default=v)
+    p.add_argument("--no-normalize", action="store_true", help="Eq. 2 on raw, not L2-normalised, features")
+    # running
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's *_last.pt checkpoints")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (CPU stays float32)")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers per process")
+    p.add_argument("--log-every", type=int, default=20, help="steps between console progress lines")
+    p.add_argument("--no-test", action="store_true", help="skip inference and metrics on the test split")
+    p.add_argument("--halt-after-epoch", type=int, help=argparse.SUPPRESS)   # tests: simulate a crash
+    args = p.parse_args(argv)
+    for k, v in PRESETS[args.preset].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.config = M.get_config(args.config).name
+    args.out = args.out or f"runs/{args.config.replace('+', 'p')}-{args.preset}"
+    return args
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+def atomic_torch_save(obj, path: Path):
+    """Checkpoint written to a temporary file and moved into place: a crash never leaves half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: Path, device="cpu"):
+    """Checkpoints hold only tensors and plain Python values, so weights_only=True (no pickle code runs)."""
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+class CsvLog:
+    """Append-only CSV of per-step losses and per-epoch validation (Fig. 7's curves); master process only."""
+    FIELDS = ["stage", "epoch", "step", "lr", "loss", "ce", "random", "hard", "contour", "val_dsc", "val_centre_mm",
+              "seconds"]
+
+    def __init__(self, path: Path, resume: bool):
+        self.path = path
+        if not (resume and path.exists()):
+            with open(path, "w", newline="") as f:
+                csv.writer(f).writerow(self.FIELDS)
+
+    def write(self, rows):
+        with open(self.path, "a", newline="") as f:
+            w = csv.DictWriter(f, self.FIELDS)
+            for r in rows:
+                w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+
+
+def fmt_time(s):
+    s = int(s)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+def dice(a, b):
+    s = a.sum() + b.sum()
+    return 1.0 if s == 0 else 2.0 * np.logical_and(a, b).sum() / s
+
+
+def validate_stage1(model, vols, device, amp):
+    """Stage-1 validation: DSC on the 1/4-size image and the error of the predicted centre in mm."""
+    dscs, errs = [], []
+    for img, lab in vols:
+        pred = predict_volume(model, img, 5, device, amp=amp) > 0.5
+        dscs.append(dice(pred, lab > 0))
+        if pred.any():
+            errs.append(np.linalg.norm((np.argwhere(pred).mean(0) - np.argwhere(lab).mean(0)) * data.STAGE1_FACTOR))
+        else:
+            errs.append(float("nan"))
+    return float(np.mean(dscs)), float(np.nanmean(errs)) if np.any(np.isfinite(errs)) else float("nan")
+
+
+def validate_stage2(model, crops, device, amp):
+    """Stage-2 validation DSC on the 128^3 crops around the ground-truth centre (no centre error: NaN)."""
+    dscs = [dice(predict_volume(model, img, 3, device, amp=amp) > 0.5, lab > 0) for img, lab in crops]
+    return float(np.mean(dscs)), float("nan")
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+def train_stage(stage, model, train_set, val_fn, args, ctx, log: CsvLog | None):
+    """One stage: SGD with poly decay (Section IV-B), Eq. 3 (Stage 1) or Eq. 4 (Stage 2), a checkpoint
+    every epoch (resumable) and the best by validation DSC kept apart."""
+    device, master, ddp = ctx["device"], ctx["master"], ctx["ddp"]
+    run = Path(args.out)
+    cfg = M.get_config(args.config) if stage == 2 else M.get_config("UNet")
+    raw_model = model
+    if ddp:
+        model = DDP(model, device_ids=[ctx["local_rank"]] if device.type == "cuda" else None)
+    opt = torch.optim.SGD(raw_model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    sampler = DistributedSampler(train_set, num_replicas=ctx["world"], rank=ctx["rank"], shuffle=True,
+                                 seed=args.seed, drop_last=True)
+    loader = DataLoader(train_set, batch_size=args.batch, sampler=sampler, num_workers=args.workers,
+                        drop_last=True, pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
+    epochs = args.epochs1 if stage == 1 else args.epochs2
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise SystemExit(f"stage {stage}: fewer patches than one batch; lower --batch or raise --patches")
+    total = epochs * steps_per_epoch
+    gen = torch.Generator(device=device).manual_seed(args.seed * 1000 + ctx["rank"])   # the samplers' draws
+    start_epoch, best = 0, -1.0
+    last, best_path = run / f"stage{stage}_last.pt", run / f"stage{stage}_best.pt"
+    if args.resume and last.exists():
+        ck = load_checkpoint(last, device)
+        raw_model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        gen.set_state(ck["generator"][min(ctx["rank"], len(ck["generator"]) - 1)].cpu())
+        start_epoch, best = ck["epoch"] + 1, ck["best_val"]
+        if master:
+            print(f"stage {stage}: resumed after epoch {ck['epoch'] + 1}/{epochs} from {last}")
+    t0, step = time.time(), start_epoch * steps_per_epoch
+    for epoch in range(start_epoch, epochs):
+        sampler.set_epoch(epoch)
+        model.train()
+        buf = []                                   # per-step loss parts, kept on the device until a flush
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            lr = M.poly_lr(args.lr, step, total)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda"):
+                logits, feats = model(x, detach_head_input=cfg.separate)
+            loss, parts = M.total_loss(logits.float(), feats, y, cfg, k=args.k, m=args.m, sigma=args.sigma,
+                                       eps=args.eps, beta=args.beta, lam=args.lam, tau=args.tau,
+                                       normalize=not args.no_normalize, generator=gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            buf.append((step, lr, torch.stack([loss.detach()] + [parts.get(n, loss.new_zeros(()))
+                                                                    .detach() for n in ("ce", "random", "hard", "contour")])))
+            if step % args.log_every == 0 or step % steps_per_epoch == 0:
+                flush(buf, stage, epoch, args, log, master, t0, step, total, start_epoch * steps_per_epoch)
+                buf = []
+        model.eval()
+        val = val_fn(raw_model) if master else (float("nan"), float("nan"))
+        if master:
+            is_best = val[0] > best
+            best = max(best, val[0])
+            log.write([dict(stage=stage, epoch=epoch + 1, step=step, val_dsc=val[0], val_centre_mm=val[1],
+                            seconds=time.time() - t0)])
+            print(f"stage {stage} epoch {epoch + 1}/{epochs}: validation DSC {val[0]:.4f}"
+                  + (f", centre error {val[1]:.1f} mm" if stage == 1 else "") + (" (best)" if is_best else ""))
+            gens = gather_generator_states(gen, ctx)
+            ck = dict(model=raw_model.state_dict(), optimizer=opt.state_dict(), epoch=epoch, step=step,
+                      best_val=best, stage=stage, generator=gens, args=vars(args), dataset=ctx["dataset"])
+            atomic_torch_save(ck, last)
+            if is_best:
+                atomic_torch_save(ck, best_path)
+        else:
+            gather_generator_states(gen, ctx)
+        if ddp:
+            dist.barrier()
+        if args.halt_after_epoch is not None and epoch + 1 == args.halt_after_epoch:
+            os._exit(3)                                                # simulated crash (tests only)
+    return raw_model
+
+
+def gather_generator_states(gen, ctx):
+    """Every rank's sampler-generator state, so a resumed run draws the same tuples (a collective in DDP)."""
+    state = gen.get_state()
+    if not ctx["ddp"]:
+        return [state]
+    states = [None] * ctx["world"]
+    dist.all_gather_object(states, state)
+    return states
+
+
+def flush(buf, stage, epoch, args, log, master, t0, step, total, first_step):
+    """One host sync per log interval: write every buffered step to the CSV, stop on a non-finite loss, and
+    print a progress line with the ETA."""
+    if not buf:
+        return
+    vals = torch.stack([b[2] for b in buf]).float().cpu().numpy()
+    if not np.all(np.isfinite(vals)):
+        bad = buf[int(np.argwhere(~np.isfinite(vals).all(1))[0, 0])][0]
+        sys.exit(f"stage {stage}: the loss became NaN or infinite at step {bad}; stopping. The last good "
+                 f"checkpoint (end of the previous epoch) is intact in {args.out}; try a lower --lr.")
+    if not master:
+        return
+    log.write([dict(stage=stage, epoch=epoch + 1, step=s, lr=lr, loss=v[0], ce=v[1], random=v[2], hard=v[3],
+                    contour=v[4], seconds=time.time() - t0) for (s, lr, _), v in zip(buf, vals)])
+    el = time.time() - t0
+    eta = el / max(1, step - first_step) * (total - step)
+    v = vals.mean(0)
+    print(f"stage {stage} step {step}/{total} epoch {epoch + 1}: loss {v[0]:.4f} ce {v[1]:.4f} "
+          f"metric r/h/c {v[2]:.2f}/{v[3]:.2f}/{v[4]:.2f}  {el / max(1, step - first_step):.2f} s/step "
+          f"elapsed {fmt_time(el)} eta {fmt_time(eta)}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+def setup_distributed():
+    """The one DDP block: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; NCCL on CUDA, gloo on CPU."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if ddp:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+        rank, local_rank, world = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+            device = torch.device("cuda", local_rank)
+        else:
+            device = torch.device("cpu")
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    else:
+        rank, local_rank, world = 0, 0, 1
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return dict(ddp=ddp, rank=rank, local_rank=local_rank, world=world, device=device, master=rank == 0)
+
+
+def prepare_data(args, ctx):
+    """Phantom (if needed), preprocessing cache and the split; the master does the work, the others wait."""
+    root = Path(args.data) if args.data else Path(args.phantom_dir)
+    if ctx["master"] and args.data is None and not (root / "dataset.json").exists():
+        print(f"generating the synthetic pelvic-CT phantom ({args.phantom_cases} cases) in {root}/")
+        data.make_phantom(root, cases=args.phantom_cases, seed=args.seed)
+    if ctx["ddp"]:
+        dist.barrier()
+    cases = data.find_cases(root, args.channel)
+    train_names, val_names, test_names = data.split_cases([c.name for c in cases], args.seed)
+    if ctx["master"]:
+        print(f"data {root}: {len(cases)} cases, split train {len(train_names)} / val {len(val_names)} / "
+              f"test {len(test_names)} (seed {args.seed})")
+        data.prepare_cases(cases, args.cache)
+    if ctx["ddp"]:
+        dist.barrier()
+    preps = {p.name: p for p in data.prepare_cases(cases, args.cache, log=None)}
+    ctx["dataset"] = dict(root=str(root.resolve()), cases=[c.name for c in cases], train=train_names,
+                          val=val_names, test=test_names, channel=str(args.channel))
+    return root, cases, preps, train_names, val_names, test_names
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    ctx = setup_distributed()
+    device, master = ctx["device"], ctx["master"]
+    torch.manual_seed(args.seed + ctx["rank"])        # per-rank seed (model init is re-seeded identically below)
+    np.random.seed(args.seed + ctx["rank"])
+    run = Path(args.out)
+    if master:
+        run.mkdir(parents=True, exist_ok=True)
+        if not args.resume and any(run.glob("stage*_last.pt")):
+            sys.exit(f"{run} already holds a run; use --resume to continue it or --out for a new folder")
+        (run / "args.json").write_text(json.dumps(vars(args), indent=2))
+        print(f"MetricUNet-{args.config}, preset {args.preset}, {ctx['world']} process(es) on {device}, run {run}")
+    try:
+        root, cases, preps, tr, va, te = prepare_data(args, ctx)
+    except data.DataError as e:
+        sys.exit(f"error: {e}")
+    log = CsvLog(run / "log.csv", args.resume) if master else None
+    t_start = time.time()
+
+    if args.stage in ("1", "both"):
+        pairs = {n: data.stage1_pair(preps[n]) for n in tr + va}
+        train_set = data.PatchDataset([pairs[n][0] for n in tr], [pairs[n][1] for n in tr], patch=64, n_slices=5,
+                                      patches_per_image=args.stage1_patches, fg_fraction=args.fg_fraction,
+                                      seed=args.seed)
+        torch.manual_seed(args.seed)                   # identical initial weights on every rank
+        model = M.LightUNet(in_channels=5, filters=args.stage1_filters).to(device)
+        train_stage(1, model, train_set, lambda m: validate_stage1(m, [pairs[n] for n in va], device, args.amp),
+                    args, ctx, log)
+
+    if args.stage in ("2", "both"):
+        crops = {}
+        for n in tr + va:
+            c = data.label_centre(preps[n].label)
+            crops[n] = (data.crop_around(preps[n].image, c)[0], data.crop_around(preps[n].label, c)[0])
+        train_set = data.PatchDataset([crops[n][0] for n in tr], [crops[n][1] for n in tr], patch=64, n_slices=3,
+                                      patches_per_image=args.patches, fg_fraction=args.fg_fraction, seed=args.seed)
+        torch.manual_seed(args.seed)
+        model = M.build_model(args.config, in_channels=3, width=args.width).to(device)
+        if master:
+            print(f"stage 2: MetricUNet-{args.config}, {M.count_parameters(model) / 1e6:.3f} M parameters")
+        train_stage(2, model, train_set, lambda m: validate_stage2(m, [crops[n] for n in va], device, args.amp),
+                    args, ctx, log)
+
+    if master:
+        print(f"training done in {fmt_time(time.time() - t_start)}")
+    if master and args.stage == "both" and not args.no_test and te:
+        import infer
+        import metrics
+        pred_dir = run / "predictions"
+        test_cases = [c for c in cases if c.name in te]
+        infer.run(run, [c.image for c in test_cases], pred_dir, channel=args.channel, device=device)
+        rows = metrics.evaluate_folders(pred_dir, Path(test_cases[0].label).parent, only=te)
+        summary = metrics.write_report(rows, run / "test_metrics.csv", extra={"config": args.config,
+                                                                              "preset": args.preset})
+        print(metrics.format_summary(summary, f"\nMetricUNet-{args.config} on the test split ({len(te)} cases)"))
+        print(f"\nper-case metrics: {run / 'test_metrics.csv'}; total time {fmt_time(time.time() - t_start)}")
+    if ctx["ddp"]:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
