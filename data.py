@@ -440,12 +440,11 @@ class PatchDataset:
     repeat the edge slice; in-plane, volumes smaller than the patch are zero-padded.
 
     Paper is silent on where patches are drawn ("randomly cropped ... in a sliding-window fashion"). A
-    fraction `fg_fraction` of patches (default 0.5) is centred on a random prostate voxel, the rest are
-    uniform over the volume, because the prostate fills about 3 % of a 128^3 crop (nnU-Net oversamples
-    foreground the same way, with 1/3)."""
+    fraction `fg_fraction` of patches (default 1/3, nnU-Net's foreground oversampling) is centred on a random
+    prostate voxel, the rest are uniform over the volume, because the prostate fills about 3 % of a 128^3 crop."""
 
     def __init__(self, images, labels, patch: int = 64, n_slices: int = 3, patches_per_image: int = 500,
-                 fg_fraction: float = 0.5, seed: int = 0):
+                 fg_fraction: float = 1 / 3, seed: int = 0):
         if len(images) != len(labels) or not images:
             raise ValueError("need as many labels as images, and at least one")
         self.images = [self._pad(np.asarray(v), patch) for v in images]

@@ -45,7 +45,7 @@ PRESETS = {
     "paper": dict(width=1.0, stage1_filters=32, batch=30, patches=500, stage1_patches=500,
                   epochs1=10, epochs2=20, phantom_cases=40),
     "cpu": dict(width=0.25, stage1_filters=16, batch=16, patches=200, stage1_patches=200,
-                epochs1=8, epochs2=8, phantom_cases=12),
+                epochs1=6, epochs2=10, phantom_cases=12),
 }
 
 
@@ -69,7 +69,7 @@ def parse_args(argv=None):
     p.add_argument("--epochs1", type=int)
     p.add_argument("--epochs2", type=int)
     p.add_argument("--phantom-cases", type=int)
-    p.add_argument("--fg-fraction", type=float, default=0.5, help="share of patches centred on the prostate")
+    p.add_argument("--fg-fraction", type=float, default=1 / 3, help="share of patches centred on the prostate")
     # optimisation (Section IV-B) and the metric module (Section III-B, Eq. 1-4)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--momentum", type=float, default=0.9)

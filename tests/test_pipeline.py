@@ -39,7 +39,8 @@ def trained_run(phantom, tmp_path_factory):
     root, cache = phantom
     out = tmp_path_factory.mktemp("run") / "run"
     train.main(["--data", str(root), "--cache", str(cache), "--out", str(out), "--no-test", "--epochs1", "2",
-                "--epochs2", "3", "--stage1-patches", "48", "--patches", "96", *TINY])
+                "--epochs2", "4", "--stage1-patches", "48", "--patches", "128", "--fg-fraction", "0.5", "--lr", "0.03",
+                *TINY])
     return out
 
 
