@@ -234,12 +234,12 @@ def body_box(image: np.ndarray, modality: str):
     small = image[::2, ::2, ::2] > thr                    # the component search at 2 mm is plenty for a box
     body = largest_component(small)
     if not body.any():
-        return tuple(slice(0, n) for n in image.shape), np.ones(image.shape, bool)
+        return tuple(slice(0, n) for n in image.shape)
     box = []
     for axis in range(3):
         idx = np.flatnonzero(body.any(axis=tuple(a for a in range(3) if a != axis)))
         box.append(slice(max(2 * idx[0] - 2, 0), min(2 * idx[-1] + 3, image.shape[axis])))
-    return tuple(box), body
+    return tuple(box)
 
 
 def normalise(image: np.ndarray, modality: str, body_sample: np.ndarray | None = None) -> np.ndarray:
@@ -253,14 +253,14 @@ def normalise(image: np.ndarray, modality: str, body_sample: np.ndarray | None =
     return np.round(np.clip((image - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
 
 
-def femoral_head_centre(hu: np.ndarray, body_mask_2mm: np.ndarray | None = None):
+def femoral_head_centre(hu: np.ndarray):
     """Section III-A: "The reference prostate center is determined by the center of two femur heads."
 
     Paper is silent on how the heads are found. On the 1-mm CT in HU: bone = HU > 200; holes filled slice
     by slice (the trabecular core may fall below the threshold); connected components smaller than a 12-mm
     ball are dropped (calcifications, fragments). A femoral head is the thickest bone there is, so its
     centre is the deepest point of the bone mask (maximum of its Euclidean distance transform), one on each
-    side of the body's mid-line. Returns (centre (3,) in voxel coordinates or None, message)."""
+    side of the body's mid-line (the middle of the body crop). Returns (centre (3,) in voxel coordinates or None, message)."""
     bone = hu > CT_BONE_HU
     if not bone.any():
         return None, "no bone above 200 HU (not a CT, or no femoral heads in the field of view)"
@@ -275,8 +275,7 @@ def femoral_head_centre(hu: np.ndarray, body_mask_2mm: np.ndarray | None = None)
     # deepest bone point: the distance transform at 2 mm finds it, then an exact 1-mm transform in a box
     # around it (larger than the head, so the nearest non-bone voxel is always inside the box) refines it
     coarse = ndimage.distance_transform_edt(bone[::2, ::2, ::2], sampling=2.0)
-    mid = int(round(np.argwhere(body_mask_2mm).mean(0)[0] * 2)) if body_mask_2mm is not None and body_mask_2mm.any() \
-        else hu.shape[0] // 2
+    mid = hu.shape[0] // 2                     # hu is the body crop: its middle column is the mid-line
     centres = []
     for lo, hi in ((0, mid), (mid, hu.shape[0])):
         d = coarse[lo // 2:(hi + 1) // 2]
@@ -310,9 +309,9 @@ def preprocess(case: Case, need_label: bool = True, log=None) -> Prepared:
     image, label, geo = load_case(case, need_label)
     modality = case.modality if case.modality in ("ct", "mr") else detect_modality(image)
     hu = resample_to(image, geo.spacing)
-    box, body2 = body_box(hu, modality)
+    box = body_box(hu, modality)
     hu = hu[box]
-    ref, note = (femoral_head_centre(hu, None) if modality == "ct"
+    ref, note = (femoral_head_centre(hu) if modality == "ct"
                  else (None, "MR: no femoral-head reference, the Stage-1 estimate is used alone"))
     if log and ref is None:
         log(f"  {case.name}: reference centre not found ({note}); falling back to the Stage-1 estimate")

@@ -297,7 +297,7 @@ def contour_aware_sampler(labels: torch.Tensor, k: int = 20, m: int = 1,
 # ----------------------------------------------------------------------------------------------------------
 
 def metric_loss(feats: torch.Tensor, tuples: Tuples, sigma: float = 0.7, beta: float = 0.1, eps: float = 0.01,
-                normalize: bool = True) -> torch.Tensor:
+                normalize: bool = True, per_anchor: bool = False) -> torch.Tensor:
     """Eq. 2: L_metric = sum_n sum_{K} sum_{J} sum_{M} [ ||a - p||^2 - ||a - n||^2 + sigma ]_+     (triplet term)
                         + beta * sum_n sum_{K} sum_{J} [ ||a - p||^2 - eps ]_+                    (positive-pair term)
 
@@ -315,24 +315,26 @@ def metric_loss(feats: torch.Tensor, tuples: Tuples, sigma: float = 0.7, beta: f
 
     Tuples with valid=False contribute an exact 0 through torch.where, which keeps the result attached to
     the graph (every parameter before the sampling layer still gets a gradient, zero), so DistributedDataParallel
-    never sees an unused parameter and no host sync is needed to test for an empty batch."""
+    never sees an unused parameter and no host sync is needed to test for an empty batch.
+
+    One gather reads every anchor, positive and negative: its backward allocates a gradient the size of the
+    whole feature map, so one gather instead of three is most of this function's cost on a CPU.
+    per_anchor=True returns the (N, k) per-anchor terms (zero where invalid) instead of their sum."""
     N, C = feats.shape[:2]
     k, m = tuples.positive.shape[1:]
-    flat = feats.flatten(2)                                            # (N, C, P)
-
-    def gather(idx: torch.Tensor) -> torch.Tensor:                     # (N, L) -> (N, C, L), on the device
-        f = flat.gather(2, idx.reshape(N, 1, -1).expand(N, C, -1))
-        return F.normalize(f, dim=1) if normalize else f
-
-    a = gather(tuples.anchor).unsqueeze(-1)                            # (N, C, k, 1)
-    p = gather(tuples.positive).view(N, C, k, m)
-    n = gather(tuples.negative).view(N, C, k, m)
+    idx = torch.cat([tuples.anchor, tuples.positive.flatten(1), tuples.negative.flatten(1)], 1)   # (N, k + 2km)
+    f = feats.flatten(2).gather(2, idx.unsqueeze(1).expand(N, C, -1))                            # (N, C, k + 2km)
+    if normalize:
+        f = F.normalize(f, dim=1)
+    a = f[..., :k].unsqueeze(-1)                                       # (N, C, k, 1)
+    p = f[..., k:k + k * m].reshape(N, C, k, m)
+    n = f[..., k + k * m:].reshape(N, C, k, m)
     d_ap = (a - p).pow(2).sum(1)                                       # (N, k, m) squared L2
     d_an = (a - n).pow(2).sum(1)
     triplet = F.relu(d_ap[..., :, None] - d_an[..., None, :] + sigma).sum((-1, -2))   # (N, k)
     pair = F.relu(d_ap - eps).sum(-1)                                                  # (N, k)
-    per_anchor = triplet + beta * pair
-    return torch.where(tuples.valid, per_anchor, torch.zeros_like(per_anchor)).sum()
+    terms = torch.where(tuples.valid, triplet + beta * pair, torch.zeros_like(triplet))
+    return terms if per_anchor else terms.sum()
 
 
 @dataclass(frozen=True)
@@ -404,16 +406,21 @@ def total_loss(logits: torch.Tensor, feats: torch.Tensor, labels: torch.Tensor, 
     if config.samplers:
         probs = torch.softmax(logits.detach().float(), 1)[:, 1]        # heatmap for Eq. 1, no gradient
         beta_eff = beta if config.pair_term else 0.0                   # Table II: pair term only in '*P' rows
+        tuples = []
         for name in config.samplers:
             if name == "random":
-                t = random_sampler(labels, k, m, generator)
+                tuples.append(random_sampler(labels, k, m, generator))
             elif name == "hard":
-                t = focal_hard_negative_sampler(labels, probs, k, m, tau, generator)
+                tuples.append(focal_hard_negative_sampler(labels, probs, k, m, tau, generator))
             elif name == "contour":
-                t = contour_aware_sampler(labels, k, m, generator)
+                tuples.append(contour_aware_sampler(labels, k, m, generator))
             else:
                 raise ValueError(f"unknown sampler {name!r}")
-            parts[name] = metric_loss(feats.float(), t, sigma, beta_eff, eps, normalize)
+        # every strategy's tuples in one metric_loss call (one gather), then each L_metric,t summed apart
+        joint = Tuples(*(torch.cat(field, 1) for field in zip(*tuples)))
+        terms = metric_loss(feats.float(), joint, sigma, beta_eff, eps, normalize, per_anchor=True)
+        for name, t_terms in zip(config.samplers, terms.split(k, dim=1)):
+            parts[name] = t_terms.sum()
             loss = loss + lam * parts[name]
     return loss, parts
 

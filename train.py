@@ -45,7 +45,7 @@ PRESETS = {
     "paper": dict(width=1.0, stage1_filters=32, batch=30, patches=500, stage1_patches=500,
                   epochs1=10, epochs2=20, phantom_cases=40),
     "cpu": dict(width=0.25, stage1_filters=16, batch=16, patches=200, stage1_patches=200,
-                epochs1=6, epochs2=10, phantom_cases=12),
+                epochs1=6, epochs2=8, phantom_cases=12),
 }
 
 

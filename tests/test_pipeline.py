@@ -133,3 +133,22 @@ def test_inference_refuses_to_write_into_its_input_folder(phantom, trained_run, 
     assert infer.main([str(trained_run), str(root / "imagesTr"), str(root / "imagesTr")]) == 2
     assert "input folder" in capsys.readouterr().err
     assert sorted(p.name for p in (root / "imagesTr").iterdir()) == before
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(phantom, tmp_path, monkeypatch):
+    root, cache = phantom
+    calls = {"n": 0}
+    real = M.total_loss
+
+    def poisoned(*a, **k):                      # finite in epoch 1 (3 steps), NaN from the 5th step on
+        loss, parts = real(*a, **k)
+        calls["n"] += 1
+        return (loss * float("nan"), parts) if calls["n"] >= 5 else (loss, parts)
+
+    monkeypatch.setattr(train.M, "total_loss", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match="NaN or infinite at step 5"):
+        train.main(["--data", str(root), "--cache", str(cache), "--out", str(out), "--stage", "2", "--epochs2", "3",
+                    "--patches", "12", "--no-test", *TINY])
+    ck = torch.load(out / "stage2_last.pt", weights_only=True)
+    assert ck["epoch"] == 0 and all(torch.isfinite(v.float()).all() for v in ck["model"].values())
