@@ -191,3 +191,26 @@ def test_missing_folder_and_file():
         data.find_cases("/nonexistent/data")
     with pytest.raises(data.DataError, match="file not found"):
         data.load_case(data.Case("x", Path("/nonexistent/x.nii.gz"), None))
+
+
+def test_nnunet_and_paired_folder_layouts(tmp_path):
+    img, lab = good_arrays()
+    aff = np.diag([1.0, 1.0, 2.0, 1.0])
+    nn = tmp_path / "nnunet"
+    (nn / "imagesTr").mkdir(parents=True)
+    (nn / "labelsTr").mkdir()
+    for name in ("case_a", "case_b"):
+        nib.save(nib.Nifti1Image(img, aff), str(nn / "imagesTr" / f"{name}_0000.nii.gz"))
+        nib.save(nib.Nifti1Image(img, aff), str(nn / "imagesTr" / f"{name}_0001.nii.gz"))   # a second channel
+        nib.save(nib.Nifti1Image(lab, aff), str(nn / "labelsTr" / f"{name}.nii.gz"))
+    cases = data.find_cases(nn)
+    assert [c.name for c in cases] == ["case_a", "case_b"]
+    assert all(c.image.name.endswith("_0000.nii.gz") for c in cases)
+    plain = tmp_path / "plain"
+    (plain / "images").mkdir(parents=True)
+    (plain / "labels").mkdir()
+    nib.save(nib.Nifti1Image(img, aff), str(plain / "images" / "p1.nii"))
+    nib.save(nib.Nifti1Image(lab, aff), str(plain / "labels" / "p1.nii.gz"))
+    (c,) = data.find_cases(plain)
+    image, label, geo = data.load_case(c)
+    assert c.name == "p1" and image.shape == (20, 20, 10) and label.sum() == 32 and geo.spacing == (1.0, 1.0, 2.0)
