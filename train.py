@@ -88,7 +88,10 @@ def parse_args(argv=None):
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    args.config = M.get_config(args.config).name
+    try:
+        args.config = M.get_config(args.config).name
+    except ValueError as e:
+        p.error(str(e))
     args.out = args.out or f"runs/{args.config.replace('+', 'p')}-{args.preset}"
     return args
 
@@ -323,6 +326,9 @@ def main(argv=None):
     torch.manual_seed(args.seed + ctx["rank"])        # per-rank seed (model init is re-seeded identically below)
     np.random.seed(args.seed + ctx["rank"])
     run = Path(args.out)
+    for what, path in (("run folder --out", args.out), ("cache --cache", args.cache)):   # inputs stay untouched
+        if args.data and Path(args.data).resolve() in (Path(path).resolve(), *Path(path).resolve().parents):
+            sys.exit(f"error: the {what} {path} lies inside the input data folder {args.data}; choose another")
     if master:
         run.mkdir(parents=True, exist_ok=True)
         if not args.resume and any(run.glob("stage*_last.pt")):
@@ -331,7 +337,7 @@ def main(argv=None):
         print(f"MetricUNet-{args.config}, preset {args.preset}, {ctx['world']} process(es) on {device}, run {run}")
     try:
         root, cases, preps, tr, va, te = prepare_data(args, ctx)
-    except data.DataError as e:
+    except (data.DataError, FileExistsError) as e:
         sys.exit(f"error: {e}")
     log = CsvLog(run / "log.csv", args.resume) if master else None
     t_start = time.time()

@@ -152,3 +152,16 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(phant
                     "--patches", "12", "--no-test", *TINY])
     ck = torch.load(out / "stage2_last.pt", weights_only=True)
     assert ck["epoch"] == 0 and all(torch.isfinite(v.float()).all() for v in ck["model"].values())
+
+
+def test_train_refuses_bad_arguments_without_writing(phantom, tmp_path, capsys):
+    root, cache = phantom
+    before = sorted(str(p) for p in root.rglob("*"))
+    with pytest.raises(SystemExit, match="inside the input data folder"):
+        train.main(["--data", str(root), "--out", str(root / "run"), "--cache", str(cache)])
+    with pytest.raises(SystemExit):
+        train.main(["--data", str(root), "--config", "MetricUNet-XYZ"])
+    assert "Table II rows are" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="not found"):
+        train.main(["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "run"), "--cache", str(cache)])
+    assert sorted(str(p) for p in root.rglob("*")) == before
