@@ -516,9 +516,9 @@ def to_original_grid(prob_1mm: np.ndarray, meta: dict, threshold: float | None =
 
 # ---------------------------------------------------------------------------------------------- phantom
 
-def _ellipsoid(shape_mm_grid, centre, radii, rot=None):
+def _ellipsoid(grid_mm, centre, radii, rot=None):
     """Boolean ellipsoid on a grid given as three broadcastable coordinate arrays in mm."""
-    x, y, z = (g - c for g, c in zip(shape_mm_grid, centre))
+    x, y, z = (g - c for g, c in zip(grid_mm, centre))
     if rot is not None:
         x, y = x * rot[0] + y * rot[1], -x * rot[1] + y * rot[0]
     return (x / radii[0]) ** 2 + (y / radii[1]) ** 2 + (z / radii[2]) ** 2 <= 1.0
