@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import data
 import metricunet as M
+import metrics
 from infer import predict_volume
 
 # Named presets. 'paper' is Section IV-B; 'cpu' is a small, fast setting for the quick start, never the default.
@@ -46,6 +47,10 @@ PRESETS = {
                   epochs1=10, epochs2=20, phantom_cases=40),
     "cpu": dict(width=0.25, stage1_filters=16, batch=16, patches=200, stage1_patches=200,
                 epochs1=6, epochs2=8, phantom_cases=12),
+    # `train.py ablation`: 15 Stage-2 runs in about an hour on 2 CPU cores. The ablation runner overrides the
+    # patches per image so that every epoch holds the same number of patches whatever the case count.
+    "ablation": dict(width=0.25, stage1_filters=16, batch=16, patches=40, stage1_patches=100,
+                     epochs1=10, epochs2=6, phantom_cases=20),
 }
 
 
@@ -59,7 +64,15 @@ def parse_args(argv=None):
     p.add_argument("--out", help="run folder (default runs/<config>-<preset>)")
     p.add_argument("--cache", default="data_cache", help="preprocessed-volume cache folder")
     p.add_argument("--channel", default="0", help="channel of 4-D images, by index or name (e.g. T2)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="weights, patch draws and samplers")
+    p.add_argument("--split-seed", type=int, default=0,
+                   help="the 70/10/20 split (and the phantom); fixed by default so runs that differ only in --seed "
+                        "are scored on the same test cases")
+    p.add_argument("--folds", type=int, help="cross-validation instead of 70/10/20: test on fold --fold of "
+                                             "--folds, no validation set (last epoch kept); --folds N = leave-one-out")
+    p.add_argument("--fold", type=int, default=0)
+    p.add_argument("--stage1-from", help="with --stage 2: copy Stage 1 from this run folder (the ablation shares one "
+                                         "Stage 1 between Table II rows, as the paper's ablation varies Stage 2 only)")
     # architecture / batch (defaults from the preset)
     p.add_argument("--width", type=float, help="Stage-2 width multiplier (1.0 = Table I)")
     p.add_argument("--stage1-filters", type=int, help="Stage-1 filters (Section III-A: 32)")
@@ -92,6 +105,8 @@ def parse_args(argv=None):
         args.config = M.get_config(args.config).name
     except ValueError as e:
         p.error(str(e))
+    if args.stage1_from and args.stage != "2":
+        p.error("--stage1-from goes with --stage 2")
     args.out = args.out or f"runs/{args.config.replace('+', 'p')}-{args.preset}"
     return args
 
@@ -147,6 +162,8 @@ def dice(a, b):
 
 def validate_stage1(model, vols, device, amp):
     """Stage-1 validation: DSC on the 1/4-size image and the error of the predicted centre in mm."""
+    if not vols:                                     # cross-validation folds have no validation set
+        return float("nan"), float("nan")
     dscs, errs = [], []
     for img, lab in vols:
         pred = predict_volume(model, img, 5, device, amp=amp) > 0.5
@@ -160,6 +177,8 @@ def validate_stage1(model, vols, device, amp):
 
 def validate_stage2(model, crops, device, amp):
     """Stage-2 validation DSC on the 128^3 crops around the ground-truth centre (no centre error: NaN)."""
+    if not crops:
+        return float("nan"), float("nan")
     dscs = [dice(predict_volume(model, img, 3, device, amp=amp) > 0.5, lab > 0) for img, lab in crops]
     return float(np.mean(dscs)), float("nan")
 
@@ -223,8 +242,9 @@ def train_stage(stage, model, train_set, val_fn, args, ctx, log: CsvLog | None):
         model.eval()
         val = val_fn(raw_model) if master else (float("nan"), float("nan"))
         if master:
-            is_best = val[0] > best
-            best = max(best, val[0])
+            # no validation set (NaN): the latest epoch is the one kept as "best"
+            is_best = math.isnan(val[0]) or val[0] > best
+            best = best if math.isnan(val[0]) else max(best, val[0])
             log.write([dict(stage=stage, epoch=epoch + 1, step=step, val_dsc=val[0], val_centre_mm=val[1],
                             seconds=time.time() - t0)])
             print(f"stage {stage} epoch {epoch + 1}/{epochs}: validation DSC {val[0]:.4f}"
@@ -242,6 +262,18 @@ def train_stage(stage, model, train_set, val_fn, args, ctx, log: CsvLog | None):
         if args.halt_after_epoch is not None and epoch + 1 == args.halt_after_epoch:
             os._exit(3)                                                # simulated crash (tests only)
     return raw_model
+
+
+def copy_stage1(src: Path, run: Path, dataset: dict):
+    """--stage1-from: reuse another run's Stage 1 (atomically copied). It must have been trained on this run's
+    training cases, or the test cases would leak into it."""
+    path = src / "stage1_best.pt"
+    if not path.is_file():
+        sys.exit(f"error: --stage1-from {src}: no stage1_best.pt there")
+    ck = load_checkpoint(path)
+    if sorted(ck["dataset"]["train"]) != sorted(dataset["train"]) or ck["dataset"]["root"] != dataset["root"]:
+        sys.exit(f"error: --stage1-from {src}: its Stage 1 was trained on other cases than this run's training set")
+    atomic_torch_save(ck, run / "stage1_best.pt")
 
 
 def gather_generator_states(gen, ctx):
@@ -302,14 +334,16 @@ def prepare_data(args, ctx):
     root = Path(args.data) if args.data else Path(args.phantom_dir)
     if ctx["master"] and args.data is None and not (root / "dataset.json").exists():
         print(f"generating the synthetic pelvic-CT phantom ({args.phantom_cases} cases) in {root}/")
-        data.make_phantom(root, cases=args.phantom_cases, seed=args.seed)
+        data.make_phantom(root, cases=args.phantom_cases, seed=args.split_seed)
     if ctx["ddp"]:
         dist.barrier()
     cases = data.find_cases(root, args.channel)
-    train_names, val_names, test_names = data.split_cases([c.name for c in cases], args.seed)
+    train_names, val_names, test_names = data.split_cases([c.name for c in cases], args.split_seed,
+                                                          fold=args.fold if args.folds else None, folds=args.folds)
     if ctx["master"]:
-        print(f"data {root}: {len(cases)} cases, split train {len(train_names)} / val {len(val_names)} / "
-              f"test {len(test_names)} (seed {args.seed})")
+        how = f"fold {args.fold} of {args.folds}" if args.folds else "70/10/20"
+        print(f"data {root}: {len(cases)} cases, split {how} train {len(train_names)} / val {len(val_names)} / "
+              f"test {len(test_names)} (split seed {args.split_seed})")
         data.prepare_cases(cases, args.cache)
     if ctx["ddp"]:
         dist.barrier()
@@ -334,7 +368,7 @@ def main(argv=None):
         if not args.resume and any(run.glob("stage*_last.pt")):
             sys.exit(f"{run} already holds a run; use --resume to continue it or --out for a new folder")
         (run / "args.json").write_text(json.dumps(vars(args), indent=2))
-        print(f"MetricUNet-{args.config}, preset {args.preset}, {ctx['world']} process(es) on {device}, run {run}")
+        print(f"{row_name(args.config)}, preset {args.preset}, {ctx['world']} process(es) on {device}, run {run}")
     try:
         root, cases, preps, tr, va, te = prepare_data(args, ctx)
     except (data.DataError, FileExistsError) as e:
@@ -352,6 +386,8 @@ def main(argv=None):
         train_stage(1, model, train_set, lambda m: validate_stage1(m, [pairs[n] for n in va], device, args.amp),
                     args, ctx, log)
 
+    if args.stage1_from and master:
+        copy_stage1(Path(args.stage1_from), run, ctx["dataset"])
     if args.stage in ("2", "both"):
         crops = {}
         for n in tr + va:
@@ -362,26 +398,248 @@ def main(argv=None):
         torch.manual_seed(args.seed)
         model = M.build_model(args.config, in_channels=3, width=args.width).to(device)
         if master:
-            print(f"stage 2: MetricUNet-{args.config}, {M.count_parameters(model) / 1e6:.3f} M parameters")
+            print(f"stage 2: {row_name(args.config)}, {M.count_parameters(model) / 1e6:.3f} M parameters")
         train_stage(2, model, train_set, lambda m: validate_stage2(m, [crops[n] for n in va], device, args.amp),
                     args, ctx, log)
 
     if master:
         print(f"training done in {fmt_time(time.time() - t_start)}")
-    if master and args.stage == "both" and not args.no_test and te:
+    if master and args.stage != "1" and (run / "stage1_best.pt").exists() and not args.no_test and te:
         import infer
-        import metrics
         pred_dir = run / "predictions"
         test_cases = [c for c in cases if c.name in te]
         infer.run(run, [c.image for c in test_cases], pred_dir, channel=args.channel, device=device)
         rows = metrics.evaluate_folders(pred_dir, Path(test_cases[0].label).parent, only=te)
         summary = metrics.write_report(rows, run / "test_metrics.csv", extra={"config": args.config,
                                                                               "preset": args.preset})
-        print(metrics.format_summary(summary, f"\nMetricUNet-{args.config} on the test split ({len(te)} cases)"))
+        print(metrics.format_summary(summary, f"\n{row_name(args.config)} on the test split ({len(te)} cases)"))
         print(f"\nper-case metrics: {run / 'test_metrics.csv'}; total time {fmt_time(time.time() - t_start)}")
     if ctx["ddp"]:
         dist.destroy_process_group()
 
+# ---------------------------------------------------------------------------------------------- ablation
+# `python train.py ablation` reproduces, at a small scale, Section IV-D: Table II's rows compared as in Table III
+# (DSC, ASD, SEN, PPV: mean +- std and median; HD95), with Table IV's paired t-tests against UNet, the training
+# time of each row against UNet (Section IV-D-3: "less than 10 % additional training time"), Fig. 7's
+# convergence curves, and with --study sensitivity Fig. 6 (lambda, sigma) and Table V (k) for MetricUNet-R.
+# As in the paper's ablation ("we construct UNet to segment on the prostate region image which is same as the
+# proposed two-stage learning framework"), only Stage 2 changes: one Stage 1 per seed and fold is shared by
+# all rows, so every row is scored through the same crops.
+
+ABLATION_ROWS = ("UNet", "R", "H", "C", "HCP")
+SENSITIVITY = {"lam": (0.1, 0.01, 0.001), "sigma": (0.1, 0.3, 0.5, 0.7, 1.0), "k": (20, 50, 100, 200)}
+PATCHES_PER_EPOCH = {1: 1400, 2: 560}      # the ablation preset's 14 phantom training cases x 100 / x 40
+TABLE_METRICS = ("DSC", "ASD", "SEN", "PPV", "HD95", "aRVD")
+
+
+def parse_ablation_args(argv=None):
+    p = argparse.ArgumentParser(prog="train.py ablation", description=(
+        "Table II rows x seeds (Tables III-IV, Fig. 7) or the sensitivity study (Fig. 6, Table V) -> results/. "
+        "Finished runs are kept in --runs and skipped, so a killed ablation continues where it stopped."))
+    p.add_argument("--data", help="data set folder (default: a 20-case phantom generated into --phantom-dir)")
+    p.add_argument("--channel", default="0", help="channel of 4-D images, by index or name (e.g. T2)")
+    p.add_argument("--study", default="rows", choices=["rows", "sensitivity"])
+    p.add_argument("--rows", default=",".join(ABLATION_ROWS), help="Table II rows, comma-separated; UNet first")
+    p.add_argument("--seeds", type=int, help="seeds per row (default 3; 1 with cross-validation)")
+    p.add_argument("--folds", type=int, help="cross-validation folds (default: leave-one-out below 10 cases)")
+    p.add_argument("--preset", default="ablation", choices=list(PRESETS))
+    p.add_argument("--results", default="results", help="where the tables and CSVs are written")
+    p.add_argument("--runs", default="runs/ablation", help="where the run folders are kept")
+    p.add_argument("--phantom-dir", default="phantom-ablation")
+    p.add_argument("--cache", default="data_cache")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--epochs1", type=int, help="override the preset's Stage-1 epochs")
+    p.add_argument("--epochs2", type=int, help="override the preset's Stage-2 epochs")
+    return p.parse_args(argv)
+
+
+def ablation_jobs(a):
+    """(label, config, extra train.py flags) per variant: Table II rows, or MetricUNet-R with one of lambda,
+    sigma, k changed (Fig. 6, Table V; the paper default is the rows study's R run, reused)."""
+    rows = [r.strip() for r in a.rows.split(",") if r.strip()]
+    if a.study == "rows":
+        return [(M.get_config(r).name, M.get_config(r).name, []) for r in rows]
+    jobs = [("R", "R", [])]
+    for name, values in SENSITIVITY.items():
+        jobs += [(f"R {name}={v:g}", "R", [f"--{name}", str(v)]) for v in values if v != M.PAPER_DEFAULTS[name]]
+    return jobs
+
+
+def run_once(run_dir: Path, argv: list[str]):
+    """One train.py run into run_dir, resumed if it was interrupted; its wall time is kept beside it."""
+    done = run_dir / "ablation_job.json"
+    if done.exists():
+        return json.loads(done.read_text())["wall_s"]
+    t0 = time.time()
+    main(argv + ["--out", str(run_dir)] + (["--resume"] if any(run_dir.glob("stage*_last.pt")) else []))
+    wall = time.time() - t0
+    done.write_text(json.dumps(dict(wall_s=wall, argv=argv), indent=1))
+    return wall
+
+
+def training_seconds(log_csv: Path, stage: int = 2) -> float:
+    """Seconds spent in training steps, validation excluded, from log.csv: for each epoch, the time of its last
+    step minus the end of the previous epoch (step rows carry the time of their flush)."""
+    with open(log_csv) as f:
+        rows = [r for r in csv.DictReader(f) if r["stage"] == str(stage)]
+    total, prev_end = 0.0, 0.0
+    for e in sorted({int(r["epoch"]) for r in rows}):
+        steps = [float(r["seconds"]) for r in rows if int(r["epoch"]) == e and r["val_dsc"] == ""]
+        ends = [float(r["seconds"]) for r in rows if int(r["epoch"]) == e and r["val_dsc"] != ""]
+        total += max(steps) - prev_end
+        prev_end = ends[-1] if ends else max(steps)
+    return total
+
+
+def read_case_rows(run_dir: Path, label: str, seed: int, fold: int | None) -> list[dict]:
+    """test_metrics.csv of one run, as metric dicts keyed by 'case/seed' so paired tests pair like with like."""
+    with open(run_dir / "test_metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    train_s = training_seconds(run_dir / "log.csv")
+    out = []
+    for r in rows:
+        d = {m: float(r[m]) for m in metrics.METRICS}
+        d.update(case=f"{r['case']}/s{seed}", image=r["case"], row=label, seed=seed,
+                 fold="" if fold is None else fold, empty_prediction=r.get("empty_prediction") == "True",
+                 train_s=train_s)
+        out.append(d)
+    return out
+
+
+def ablation_main(argv=None):
+    a = parse_ablation_args(argv)
+    root = Path(a.data) if a.data else Path(a.phantom_dir)
+    dataset = root.resolve().name if a.data else "phantom"
+    if not a.data and not (root / "dataset.json").exists():
+        print(f"generating the {PRESETS[a.preset]['phantom_cases']}-case phantom in {root}/")
+        data.make_phantom(root, cases=PRESETS[a.preset]["phantom_cases"], seed=0)
+    try:
+        names = [c.name for c in data.find_cases(root, a.channel)]
+    except data.DataError as e:
+        sys.exit(f"error: {e}")
+    folds = a.folds or (len(names) if len(names) < 10 else None)
+    seeds = list(range(a.seeds or (1 if folds else 3)))
+    fold_ids = list(range(folds)) if folds else [None]
+    if a.study == "sensitivity" and a.seeds is None:
+        seeds = [0]                                   # 9 extra runs: one seed keeps it near half an hour
+    jobs = ablation_jobs(a)
+    base = ["--preset", a.preset, "--cache", a.cache, "--workers", str(a.workers), "--log-every", "50",
+            "--channel", a.channel] + (["--data", a.data] if a.data else ["--phantom-dir", str(root)])
+    for stage in (1, 2):
+        if getattr(a, f"epochs{stage}"):
+            base += [f"--epochs{stage}", str(getattr(a, f"epochs{stage}"))]
+    runs = Path(a.runs) / dataset
+    t_start, wall, case_rows, curves = time.time(), 0.0, [], []
+    for fold in fold_ids:                   # fold-, then seed-major, rows innermost: CPU drift hits all rows alike
+        split = data.split_cases(names, 0, fold=fold, folds=folds)
+        n_train = len(split[0])
+        fold_flags = ["--folds", str(folds), "--fold", str(fold)] if folds else []
+        for seed in seeds:
+            tag = (f"f{fold}-" if folds else "") + f"s{seed}"
+            s1 = runs / f"stage1-{tag}"
+            wall += run_once(s1, base + fold_flags + [
+                "--stage", "1", "--seed", str(seed),
+                "--stage1-patches", str(math.ceil(PATCHES_PER_EPOCH[1] / n_train))])
+            for label, config, extra in jobs:
+                run_dir = runs / (label.replace(" ", "_").replace("=", "") + f"-{tag}")
+                wall += run_once(run_dir, base + fold_flags + extra + [
+                    "--stage", "2", "--config", config, "--seed", str(seed), "--stage1-from", str(s1),
+                    "--patches", str(math.ceil(PATCHES_PER_EPOCH[2] / n_train))])
+                case_rows += read_case_rows(run_dir, label, seed, fold)
+                curves += convergence_rows(run_dir / "log.csv", label, seed, fold)
+    out = Path(a.results)
+    stem = f"{'ablation' if a.study == 'rows' else 'sensitivity'}_{dataset}"
+    write_csv(out / f"{stem}_cases.csv", case_rows)
+    write_csv(out / f"{stem}_convergence.csv", curves)
+    text = ablation_report(a, dataset, jobs, case_rows, seeds, folds, len(names), wall)
+    metrics.atomic_write_text(out / f"{stem}.md", text)
+    print(text)
+    print(f"\nwrote {out / (stem + '.md')} and its CSVs in {fmt_time(time.time() - t_start)}")
+
+
+def convergence_rows(log_csv: Path, label, seed, fold):
+    """Fig. 7: per-step cross-entropy and per-epoch validation DSC of Stage 2."""
+    with open(log_csv) as f:
+        return [dict(row=label, seed=seed, fold="" if fold is None else fold, epoch=r["epoch"], step=r["step"],
+                     ce=r["ce"], loss=r["loss"], val_dsc=r["val_dsc"])
+                for r in csv.DictReader(f) if r["stage"] == "2"]
+
+
+def write_csv(path: Path, rows: list[dict]):
+    import io
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    metrics.atomic_write_text(path, buf.getvalue())
+
+
+def ablation_report(a, dataset, jobs, rows, seeds, folds, n_cases, wall) -> str:
+    """Markdown: Table III layout (+ HD95, aRVD), Table IV-style paired p-values vs the first row, the training
+    time of each row against it, and the DSC of each seed apart."""
+    import platform
+    labels = [j[0] for j in jobs]
+    by = {lab: [r for r in rows if r["row"] == lab] for lab in labels}
+    ref = labels[0]
+    split = f"leave-one-out over {n_cases} cases ({folds} folds)" if folds == n_cases else (
+        f"{folds}-fold cross-validation" if folds else "the fixed 70/10/20 split (split seed 0)")
+    cmd = "python train.py ablation" + (f" --data {a.data} --channel {a.channel}" if a.data else "") + (
+        " --study sensitivity" if a.study == "sensitivity" else "") + (
+        f" --rows {a.rows}" if a.rows != ",".join(ABLATION_ROWS) and a.study == "rows" else "") + (
+        f" --seeds {a.seeds}" if a.seeds else "")
+    p = PRESETS[a.preset]
+    L = [f"# {'Ablation (Tables II-IV)' if a.study == 'rows' else 'Sensitivity of MetricUNet-R (Fig. 6, Table V)'}"
+         f" on {dataset}", "",
+         f"Generated by `{cmd}` (train.py `ablation_main`). Do not edit: rerun the command.", "",
+         f"- data: {dataset}, {n_cases} cases, {split}; seeds {', '.join(map(str, seeds))}; "
+         f"each row's n = test cases x seeds = {len(by[ref])}",
+         f"- preset `{a.preset}`: Stage-2 width {p['width']} (Table I = 1.0), batch {p['batch']}, "
+         f"{a.epochs2 or p['epochs2']} Stage-2 epochs of {PATCHES_PER_EPOCH[2]} patches, Stage 1 shared by all "
+         f"rows of a seed; paper defaults k=20, m=1, sigma=0.7, eps=0.01, beta=0.1, lambda=0.01, tau=0.1",
+         f"- machine: {platform.machine()}, {os.cpu_count()} CPU threads, torch {torch.__version__}, "
+         f"{'CUDA' if torch.cuda.is_available() else 'CPU only'}; total run time {fmt_time(wall)}", ""]
+    L += ["## Segmentation (Table III layout; HD95 and aRVD as in Tables IV and VI)", "",
+          "| method | n | DSC mean ± std | DSC median | ASD (mm) mean ± std | ASD median | SEN mean ± std | "
+          "PPV mean ± std | HD95 (mm) mean ± std | aRVD (%) mean ± std |", "|---" * 10 + "|"]
+    for lab in labels:
+        s = metrics.summarize(by[lab])
+        ms = lambda m, d=4: f"{s[m]['mean']:.{d}f} ± {s[m]['std']:.{d}f}"
+        L.append(f"| {row_name(lab)} | {s['cases']} | {ms('DSC')} | {s['DSC']['median']:.4f} | {ms('ASD', 2)} | "
+                 f"{s['ASD']['median']:.2f} | {ms('SEN')} | {ms('PPV')} | {ms('HD95', 2)} | {ms('aRVD', 1)} |")
+    L += ["", f"## Paired two-sided t-tests against {row_name(ref)} (Table IV style; pairs = same case, same seed)",
+          "", "| method | ΔDSC | p DSC | ΔASD (mm) | p ASD | p SEN | p PPV | p HD95 |", "|---" * 8 + "|"]
+    for lab in labels[1:]:
+        pv = metrics.paired_pvalues(by[lab], by[ref])
+        d = lambda m: np.mean([r[m] for r in by[lab]]) - np.mean([r[m] for r in by[ref]])
+        L.append(f"| {row_name(lab)} | {d('DSC'):+.4f} | {pv['DSC']:.3g} | {d('ASD'):+.2f} | {pv['ASD']:.3g} | "
+                 f"{pv['SEN']:.3g} | {pv['PPV']:.3g} | {pv['HD95']:.3g} |")
+    L += ["", f"## Stage-2 training time against {row_name(ref)} (validation excluded; mean per run)", "",
+          "| method | seconds per run | overhead |", "|---|---|---|"]
+    t = {lab: np.mean(sorted({(r['seed'], r['fold']): r['train_s'] for r in by[lab]}.values())) for lab in labels}
+    for lab in labels:
+        L.append(f"| {row_name(lab)} | {t[lab]:.0f} | {100 * (t[lab] / t[ref] - 1):+.1f} % |")
+    L += ["", "## Mean DSC of each seed (seed-to-seed spread)", "",
+          "| method | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---" * (len(seeds) + 1) + "|"]
+    for lab in labels:
+        L.append(f"| {row_name(lab)} | " + " | ".join(
+            f"{np.mean([r['DSC'] for r in by[lab] if r['seed'] == s]):.4f}" for s in seeds) + " |")
+    empties = sum(r["empty_prediction"] for r in rows)
+    L += ["", f"Empty predictions (scored with the volume diagonal as distance): {empties}.",
+          f"Per-case values: `{'ablation' if a.study == 'rows' else 'sensitivity'}_{dataset}_cases.csv`; "
+          f"Fig. 7 curves (per-step cross-entropy, per-epoch validation DSC): "
+          f"`{'ablation' if a.study == 'rows' else 'sensitivity'}_{dataset}_convergence.csv`.", ""]
+    return "\n".join(L)
+
+
+def row_name(label: str) -> str:
+    """Table II's names: 'UNet', 'UNet++', 'R' -> 'MetricUNet-R', '++H' -> 'MetricUNet++-H'."""
+    if label in ("UNet", "UNet++"):
+        return label
+    return f"MetricUNet++-{label[2:]}" if label.startswith("++") else f"MetricUNet-{label}"
+
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["ablation"]:
+        ablation_main(sys.argv[2:])
+    else:
+        main()

@@ -121,6 +121,18 @@ def test_split_is_deterministic_and_70_10_20():
     assert [len(x) for x in a] == [14, 2, 4] and a != data.split_cases(names, seed=5)
 
 
+def test_cross_validation_tests_every_case_exactly_once():
+    names = [f"c{i}" for i in range(7)]
+    splits = [data.split_cases(names, seed=3, fold=f, folds=3) for f in range(3)]
+    assert sorted(n for _, _, te in splits for n in te) == names          # a partition of the cases
+    for tr, va, te in splits:
+        assert va == [] and sorted(tr + te) == names and len(te) in (2, 3) and not set(tr) & set(te)
+    assert all(len(data.split_cases(names, 0, fold=f, folds=7)[2]) == 1 for f in range(7))   # leave-one-out
+    for fold, folds in ((3, 3), (0, 8), (0, 1)):
+        with pytest.raises(ValueError, match="folds"):
+            data.split_cases(names, 0, fold=fold, folds=folds)
+
+
 # ---------------------------------------------------------------- bad input
 
 def write_case(root, name, img, lab, aff=None, lab_aff=None):

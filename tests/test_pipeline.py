@@ -1,5 +1,6 @@
 """train.py and infer.py end to end on a small phantom: DDP, resume, inference geometry, learning."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -165,3 +166,64 @@ def test_train_refuses_bad_arguments_without_writing(phantom, tmp_path, capsys):
     with pytest.raises(SystemExit, match="not found"):
         train.main(["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "run"), "--cache", str(cache)])
     assert sorted(str(p) for p in root.rglob("*")) == before
+
+
+def test_training_seconds_leaves_out_validation(tmp_path):
+    # epoch 1: steps flushed at 4 s and 10 s, validation ends at 15 s; epoch 2: steps at 22 s and 30 s, then
+    # validation until 40 s. Training time = 10 + (30 - 15) = 25 s. Stage-1 rows are ignored.
+    log = tmp_path / "log.csv"
+    rows = ["stage,epoch,step,lr,loss,ce,random,hard,contour,val_dsc,val_centre_mm,seconds",
+            "1,1,5,0.01,1,1,0,0,0,,,99", "2,1,1,0.01,1,1,0,0,0,,,4", "2,1,2,0.01,1,1,0,0,0,,,10",
+            "2,1,2,,,,,,,0.5,nan,15", "2,2,3,0.01,1,1,0,0,0,,,22", "2,2,4,0.01,1,1,0,0,0,,,30",
+            "2,2,4,,,,,,,nan,nan,40"]
+    log.write_text("\n".join(rows) + "\n")
+    assert train.training_seconds(log) == pytest.approx(25.0)
+
+
+def test_ablation_report_hand_numbers():
+    # UNet DSC 0.80 / 0.80, R 0.85 / 0.95 on the same two cases. Paired differences 0.05, 0.15: mean 0.1,
+    # sd 0.0707, t = 0.1 / (0.0707 / sqrt 2) = 2 with 1 degree of freedom, whose two-sided p is that of a Cauchy
+    # variable: 1 - 2 atan(2) / pi = 0.2952. R trains 10 % longer than UNet.
+    base = dict(ASD=1.0, SEN=0.9, PPV=0.9, HD95=2.0, HD=3.0, aRVD=5.0, seed=0, fold="", empty_prediction=False)
+    rows = [dict(base, row="UNet", case="a/s0", DSC=0.80, train_s=100.0),
+            dict(base, row="UNet", case="b/s0", DSC=0.80, train_s=100.0),
+            dict(base, row="R", case="a/s0", DSC=0.85, train_s=110.0),
+            dict(base, row="R", case="b/s0", DSC=0.95, train_s=110.0)]
+    a = train.parse_ablation_args(["--rows", "UNet,R"])
+    text = train.ablation_report(a, "phantom", train.ablation_jobs(a), rows, [0], None, 20, 60.0)
+    assert "| MetricUNet-R | 2 | 0.9000 ± 0.0707 | 0.9000 |" in text     # sample std (ddof 1) of 0.85, 0.95
+    assert f"| MetricUNet-R | +0.1000 | {1 - 2 * math.atan(2) / math.pi:.3g} |" in text
+    assert "| MetricUNet-R | 110 | +10.0 % |" in text
+
+
+def test_ablation_runs_resumes_and_shares_stage1(phantom, tmp_path, monkeypatch):
+    root, cache = phantom
+    monkeypatch.setitem(train.PRESETS, "tiny", dict(width=0.125, stage1_filters=8, batch=8, patches=8,
+                                                    stage1_patches=8, epochs1=1, epochs2=1, phantom_cases=4))
+    monkeypatch.setattr(train, "PATCHES_PER_EPOCH", {1: 16, 2: 16})
+    args = ["--data", str(root), "--cache", str(cache), "--preset", "tiny", "--rows", "UNet,R", "--folds", "2",
+            "--workers", "0", "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "res")]
+    train.ablation_main(args)
+    with open(tmp_path / "res" / f"ablation_{root.name}_cases.csv") as f:
+        cases = list(__import__("csv").DictReader(f))
+    for row in ("UNet", "R"):                        # 2 folds x 1 seed: every case tested once per row
+        assert sorted(r["image"] for r in cases if r["row"] == row) == sorted(c.name for c in data.find_cases(root))
+    runs = tmp_path / "runs" / root.name
+    for fold in (0, 1):                              # both rows of a fold were scored through the same Stage 1
+        s1 = [torch.load(runs / f"{r}-f{fold}-s0" / "stage1_best.pt", weights_only=True)["model"] for r in ("UNet", "R")]
+        assert all(torch.equal(s1[0][k], s1[1][k]) for k in s1[0])
+    stamp = (runs / "R-f1-s0" / "stage2_last.pt").stat().st_mtime_ns
+    train.ablation_main(args)                        # a second call finds every run done and retrains nothing
+    assert (runs / "R-f1-s0" / "stage2_last.pt").stat().st_mtime_ns == stamp
+    text = (tmp_path / "res" / f"ablation_{root.name}.md").read_text()
+    assert "leave-one-out" not in text and "2-fold cross-validation" in text and "MetricUNet-R" in text
+
+
+def test_stage1_from_refuses_a_stage1_trained_on_other_cases(phantom, tmp_path):
+    root, cache = phantom
+    s1 = tmp_path / "s1"
+    train.main(["--data", str(root), "--cache", str(cache), "--out", str(s1), "--stage", "1", "--epochs1", "1",
+                "--stage1-patches", "8", "--split-seed", "1", *TINY])
+    with pytest.raises(SystemExit, match="other cases"):
+        train.main(["--data", str(root), "--cache", str(cache), "--out", str(tmp_path / "s2"), "--stage", "2",
+                    "--stage1-from", str(s1), "--epochs2", "1", "--patches", "8", *TINY])
