@@ -254,6 +254,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(tmp, 0o644)                   # mkstemp makes 0600; reports and checkpoints are shared
     try:
         with os.fdopen(fd, "w", newline="") as f:
             f.write(text)

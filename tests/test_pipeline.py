@@ -200,7 +200,6 @@ def test_ablation_runs_resumes_and_shares_stage1(phantom, tmp_path, monkeypatch)
     root, cache = phantom
     monkeypatch.setitem(train.PRESETS, "tiny", dict(width=0.125, stage1_filters=8, batch=8, patches=8,
                                                     stage1_patches=8, epochs1=1, epochs2=1, phantom_cases=4))
-    monkeypatch.setattr(train, "PATCHES_PER_EPOCH", {1: 16, 2: 16})
     args = ["--data", str(root), "--cache", str(cache), "--preset", "tiny", "--rows", "UNet,R", "--folds", "2",
             "--workers", "0", "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "res")]
     train.ablation_main(args)
