@@ -430,7 +430,6 @@ def main(argv=None):
 
 ABLATION_ROWS = ("UNet", "R", "H", "C", "HCP")
 SENSITIVITY = {"lam": (0.1, 0.01, 0.001), "sigma": (0.1, 0.3, 0.5, 0.7, 1.0), "k": (20, 50, 100, 200)}
-TABLE_METRICS = ("DSC", "ASD", "SEN", "PPV", "HD95", "aRVD")
 
 
 def parse_ablation_args(argv=None):
@@ -451,7 +450,12 @@ def parse_ablation_args(argv=None):
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--epochs1", type=int, help="override the preset's Stage-1 epochs")
     p.add_argument("--epochs2", type=int, help="override the preset's Stage-2 epochs")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    try:
+        [M.get_config(r) for r in a.rows.split(",") if r.strip()]
+    except ValueError as e:
+        p.error(str(e))
+    return a
 
 
 def ablation_jobs(a):
@@ -527,21 +531,33 @@ def ablation_main(argv=None):
     except data.DataError as e:
         sys.exit(f"error: {e}")
     folds = a.folds or (len(names) if len(names) < 10 else None)
-    seeds = list(range(a.seeds or (1 if folds else 3)))
-    fold_ids = list(range(folds)) if folds else [None]
-    if a.study == "sensitivity" and a.seeds is None:
-        seeds = [0]                                   # 9 extra runs: one seed keeps it near half an hour
+    seeds = list(range(a.seeds or (1 if folds or a.study == "sensitivity" else 3)))  # sensitivity: 9 runs, 1 seed
     jobs = ablation_jobs(a)
+    t_start = time.time()
+    case_rows, curves, wall = run_ablation_grid(a, root, dataset, names, jobs, seeds, folds)
+    out = Path(a.results)
+    stem = f"{'ablation' if a.study == 'rows' else 'sensitivity'}_{dataset}"
+    write_csv(out / f"{stem}_cases.csv", case_rows)
+    write_csv(out / f"{stem}_convergence.csv", curves)
+    text = ablation_report(a, dataset, jobs, case_rows, seeds, folds, len(names), wall)
+    metrics.atomic_write_text(out / f"{stem}.md", text)
+    print(text)
+    print(f"\nwrote {out / (stem + '.md')} and its CSVs in {fmt_time(time.time() - t_start)}")
+
+
+def run_ablation_grid(a, root, dataset, names, jobs, seeds, folds):
+    """Every (fold, seed): one shared Stage 1, then each job's Stage 2 with test-split scoring. Folds, then
+    seeds outermost and jobs innermost, so a slow spell of the machine hits all rows alike.
+    Returns the per-case metric rows, the Fig. 7 curve rows and the summed wall time of the runs."""
     base = ["--preset", a.preset, "--cache", a.cache, "--workers", str(a.workers), "--log-every", "50",
             "--channel", a.channel] + (["--data", a.data] if a.data else ["--phantom-dir", str(root)])
     for stage in (1, 2):
         if getattr(a, f"epochs{stage}"):
             base += [f"--epochs{stage}", str(getattr(a, f"epochs{stage}"))]
     runs = Path(a.runs) / dataset
-    t_start, wall, case_rows, curves = time.time(), 0.0, [], []
-    for fold in fold_ids:                   # fold-, then seed-major, rows innermost: CPU drift hits all rows alike
-        split = data.split_cases(names, 0, fold=fold, folds=folds)
-        n_train = len(split[0])
+    case_rows, curves, wall = [], [], 0.0
+    for fold in (range(folds) if folds else [None]):
+        n_train = len(data.split_cases(names, 0, fold=fold, folds=folds)[0])
         fold_flags = ["--folds", str(folds), "--fold", str(fold)] if folds else []
         for seed in seeds:
             tag = (f"f{fold}-" if folds else "") + f"s{seed}"
@@ -556,14 +572,7 @@ def ablation_main(argv=None):
                     "--patches", str(patches_per_image(a.preset, 2, n_train))])
                 case_rows += read_case_rows(run_dir, label, seed, fold)
                 curves += convergence_rows(run_dir / "log.csv", label, seed, fold)
-    out = Path(a.results)
-    stem = f"{'ablation' if a.study == 'rows' else 'sensitivity'}_{dataset}"
-    write_csv(out / f"{stem}_cases.csv", case_rows)
-    write_csv(out / f"{stem}_convergence.csv", curves)
-    text = ablation_report(a, dataset, jobs, case_rows, seeds, folds, len(names), wall)
-    metrics.atomic_write_text(out / f"{stem}.md", text)
-    print(text)
-    print(f"\nwrote {out / (stem + '.md')} and its CSVs in {fmt_time(time.time() - t_start)}")
+    return case_rows, curves, wall
 
 
 def convergence_rows(log_csv: Path, label, seed, fold):
