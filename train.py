@@ -445,7 +445,7 @@ def parse_ablation_args(argv=None):
     p.add_argument("--preset", default="ablation", choices=list(PRESETS))
     p.add_argument("--results", default="results", help="where the tables and CSVs are written")
     p.add_argument("--runs", default="runs/ablation", help="where the run folders are kept")
-    p.add_argument("--phantom-dir", default="phantom-ablation")
+    p.add_argument("--phantom-dir", help="default phantom-<preset>")
     p.add_argument("--cache", default="data_cache")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--epochs1", type=int, help="override the preset's Stage-1 epochs")
@@ -521,8 +521,9 @@ def read_case_rows(run_dir: Path, label: str, seed: int, fold: int | None) -> li
 
 def ablation_main(argv=None):
     a = parse_ablation_args(argv)
-    root = Path(a.data) if a.data else Path(a.phantom_dir)
-    dataset = root.resolve().name if a.data else "phantom"
+    root = Path(a.data) if a.data else Path(a.phantom_dir or f"phantom-{a.preset}")
+    # names of run folders and tables; a preset other than the default one gets its own, never mixed
+    dataset = (root.resolve().name if a.data else "phantom") + ("" if a.preset == "ablation" else f"_{a.preset}")
     if not a.data and not (root / "dataset.json").exists():
         print(f"generating the {PRESETS[a.preset]['phantom_cases']}-case phantom in {root}/")
         data.make_phantom(root, cases=PRESETS[a.preset]["phantom_cases"], seed=0)
@@ -601,10 +602,7 @@ def ablation_report(a, dataset, jobs, rows, seeds, folds, n_cases, wall) -> str:
     ref = labels[0]
     split = f"leave-one-out over {n_cases} cases ({folds} folds)" if folds == n_cases else (
         f"{folds}-fold cross-validation" if folds else "the fixed 70/10/20 split (split seed 0)")
-    cmd = "python train.py ablation" + (f" --data {a.data} --channel {a.channel}" if a.data else "") + (
-        " --study sensitivity" if a.study == "sensitivity" else "") + (
-        f" --rows {a.rows}" if a.rows != ",".join(ABLATION_ROWS) and a.study == "rows" else "") + (
-        f" --seeds {a.seeds}" if a.seeds else "")
+    cmd = ablation_command(a)
     p = PRESETS[a.preset]
     per_epoch = p["patches"] * len(data.split_cases([str(i) for i in range(p["phantom_cases"])])[0])
     L = [f"# {'Ablation (Tables II-IV)' if a.study == 'rows' else 'Sensitivity of MetricUNet-R (Fig. 6, Table V)'}"
@@ -648,6 +646,17 @@ def ablation_report(a, dataset, jobs, rows, seeds, folds, n_cases, wall) -> str:
           f"Fig. 7 curves (per-step cross-entropy, per-epoch validation DSC): "
           f"`{'ablation' if a.study == 'rows' else 'sensitivity'}_{dataset}_convergence.csv`.", ""]
     return "\n".join(L)
+
+
+def ablation_command(a) -> str:
+    """The command line that regenerates a table, flags at their defaults left out."""
+    flags = [f"--data {a.data} --channel {a.channel}" if a.data else "",
+             "--study sensitivity" if a.study == "sensitivity" else "",
+             f"--rows {a.rows}" if a.study == "rows" and a.rows != ",".join(ABLATION_ROWS) else "",
+             f"--seeds {a.seeds}" if a.seeds else "", f"--folds {a.folds}" if a.folds else "",
+             f"--preset {a.preset}" if a.preset != "ablation" else "",
+             f"--epochs1 {a.epochs1}" if a.epochs1 else "", f"--epochs2 {a.epochs2}" if a.epochs2 else ""]
+    return " ".join(["python train.py ablation"] + [f for f in flags if f])
 
 
 def row_name(label: str) -> str:
