@@ -637,11 +637,12 @@ def ablation_report(a, dataset, jobs, rows, seeds, folds, n_cases, wall) -> str:
     t = {lab: float(np.median(v)) for lab, v in per_run.items()}
     for lab in labels:
         L.append(f"| {row_name(lab)} | {t[lab]:.0f} | {100 * (t[lab] / t[ref] - 1):+.1f} % | {max(per_run[lab]):.0f} |")
-    L += ["", "## Mean DSC of each seed (seed-to-seed spread)", "",
-          "| method | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---" * (len(seeds) + 1) + "|"]
-    for lab in labels:
-        L.append(f"| {row_name(lab)} | " + " | ".join(
-            f"{np.mean([r['DSC'] for r in by[lab] if r['seed'] == s]):.4f}" for s in seeds) + " |")
+    if len(seeds) > 1:
+        L += ["", "## Mean DSC of each seed (seed-to-seed spread)", "",
+              "| method | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---" * (len(seeds) + 1) + "|"]
+        for lab in labels:
+            L.append(f"| {row_name(lab)} | " + " | ".join(
+                f"{np.mean([r['DSC'] for r in by[lab] if r['seed'] == s]):.4f}" for s in seeds) + " |")
     empties = sum(r["empty_prediction"] for r in rows)
     L += ["", f"Empty predictions (scored with the volume diagonal as distance): {empties}.",
           f"Per-case values: `{'ablation' if a.study == 'rows' else 'sensitivity'}_{dataset}_cases.csv`; "
