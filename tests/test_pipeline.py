@@ -203,18 +203,19 @@ def test_ablation_runs_resumes_and_shares_stage1(phantom, tmp_path, monkeypatch)
     args = ["--data", str(root), "--cache", str(cache), "--preset", "tiny", "--rows", "UNet,R", "--folds", "2",
             "--workers", "0", "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "res")]
     train.ablation_main(args)
-    with open(tmp_path / "res" / f"ablation_{root.name}_cases.csv") as f:
+    name = f"{root.name}_tiny"                       # a non-default preset names its own tables and runs
+    with open(tmp_path / "res" / f"ablation_{name}_cases.csv") as f:
         cases = list(__import__("csv").DictReader(f))
     for row in ("UNet", "R"):                        # 2 folds x 1 seed: every case tested once per row
         assert sorted(r["image"] for r in cases if r["row"] == row) == sorted(c.name for c in data.find_cases(root))
-    runs = tmp_path / "runs" / root.name
+    runs = tmp_path / "runs" / name
     for fold in (0, 1):                              # both rows of a fold were scored through the same Stage 1
         s1 = [torch.load(runs / f"{r}-f{fold}-s0" / "stage1_best.pt", weights_only=True)["model"] for r in ("UNet", "R")]
         assert all(torch.equal(s1[0][k], s1[1][k]) for k in s1[0])
     stamp = (runs / "R-f1-s0" / "stage2_last.pt").stat().st_mtime_ns
     train.ablation_main(args)                        # a second call finds every run done and retrains nothing
     assert (runs / "R-f1-s0" / "stage2_last.pt").stat().st_mtime_ns == stamp
-    text = (tmp_path / "res" / f"ablation_{root.name}.md").read_text()
+    text = (tmp_path / "res" / f"ablation_{name}.md").read_text()
     assert "leave-one-out" not in text and "2-fold cross-validation" in text and "MetricUNet-R" in text
 
 
