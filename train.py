@@ -373,7 +373,7 @@ def main(argv=None):
         print(f"{what}, preset {args.preset}, {ctx['world']} process(es) on {device}, run {run}")
     try:
         root, cases, preps, tr, va, te = prepare_data(args, ctx)
-    except (data.DataError, FileExistsError) as e:
+    except (ValueError, FileExistsError) as e:              # data.DataError is a ValueError, as are bad --folds
         sys.exit(f"error: {e}")
     log = CsvLog(run / "log.csv", args.resume) if master else None
     t_start = time.time()
