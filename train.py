@@ -486,7 +486,7 @@ def run_once(run_dir: Path, argv: list[str]):
     t0 = time.time()
     main(argv + ["--out", str(run_dir)] + (["--resume"] if any(run_dir.glob("stage*_last.pt")) else []))
     wall = time.time() - t0
-    done.write_text(json.dumps(dict(wall_s=wall, argv=argv), indent=1))
+    metrics.atomic_write_text(done, json.dumps(dict(wall_s=wall, argv=argv), indent=1))   # "done" marker
     return wall
 
 
@@ -522,6 +522,9 @@ def read_case_rows(run_dir: Path, label: str, seed: int, fold: int | None) -> li
 def ablation_main(argv=None):
     a = parse_ablation_args(argv)
     root = Path(a.data) if a.data else Path(a.phantom_dir or f"phantom-{a.preset}")
+    for what, path in (("--results", a.results), ("--runs", a.runs), ("--cache", a.cache)):   # inputs stay untouched
+        if a.data and Path(a.data).resolve() in (Path(path).resolve(), *Path(path).resolve().parents):
+            sys.exit(f"error: {what} {path} lies inside the input data folder {a.data}; choose another")
     # names of run folders and tables; a preset other than the default one gets its own, never mixed
     dataset = (root.resolve().name if a.data else "phantom") + ("" if a.preset == "ablation" else f"_{a.preset}")
     if not a.data and not (root / "dataset.json").exists():

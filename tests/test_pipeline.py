@@ -165,6 +165,8 @@ def test_train_refuses_bad_arguments_without_writing(phantom, tmp_path, capsys):
     assert "Table II rows are" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="not found"):
         train.main(["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "run"), "--cache", str(cache)])
+    with pytest.raises(SystemExit, match="inside the input data folder"):
+        train.ablation_main(["--data", str(root), "--results", str(root / "results"), "--cache", str(cache)])
     with pytest.raises(SystemExit, match="folds"):                       # 9 folds of 4 cases
         train.main(["--data", str(root), "--out", str(tmp_path / "run9"), "--cache", str(cache), "--folds", "9"])
     assert sorted(str(p) for p in root.rglob("*")) == before
