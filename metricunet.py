@@ -24,7 +24,6 @@ Conventions used throughout:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -208,23 +207,25 @@ class LightUNet(nn.Module):
 # Online voxel samplers (Section III-B-2, Fig. 5). Each is self-contained on purpose (copy one alone).
 # ----------------------------------------------------------------------------------------------------------
 
-class Tuples(NamedTuple):
-    """k anchors per image and m positives / m negatives per anchor, as flat indices into the H*W voxels of
-    the anchor's own image. `valid` is False for anchors of an image that had no candidate anchor, no
-    positive or no negative voxel; their indices are placeholders and the loss ignores them."""
-    anchor: torch.Tensor    # (N, k) long
-    positive: torch.Tensor  # (N, k, m) long
-    negative: torch.Tensor  # (N, k, m) long
-    valid: torch.Tensor     # (N, k) bool
+# What every sampler returns, a plain tuple (no class of this file, so a sampler copied alone runs alone):
+#   anchor    (N, k)    long   flat indices into the H*W voxels of the anchor's own image
+#   positive  (N, k, m) long   m positives per anchor (same image, prostate)
+#   negative  (N, k, m) long   m negatives per anchor (same image, background)
+#   valid     (N, k)    bool   False for every anchor of an image that had no candidate anchor, no positive or
+#                              no negative voxel; its indices are placeholders and metric_loss ignores it.
 
 
-def random_sampler(labels: torch.Tensor, k: int = 20, m: int = 1, generator: torch.Generator | None = None) -> Tuples:
+def random_sampler(labels: torch.Tensor, k: int = 20, m: int = 1, generator: torch.Generator | None = None) -> tuple:
     """i) Random sampling (Section III-B-2, Fig. 5a): anchors drawn uniformly from the voxels with positive
     (prostate) labels; positives from the positive voxels, negatives from the negative voxels of the same image.
 
     Paper is silent on replacement: we draw with replacement (torch.multinomial), so k anchors exist even when
     an image has fewer than k candidates, and a positive may coincide with its anchor (distance 0, harmless).
-    Everything stays on labels.device; there is no Python loop over images or voxels and no host sync."""
+    Everything stays on labels.device; there is no Python loop over images or voxels and no host sync.
+
+    Returns the tuple (anchor, positive, negative, valid): anchor (N, k) long, flat indices into the H*W voxels
+    of each image; positive and negative (N, k, m) long, m of each per anchor from the same image; valid (N, k)
+    bool, False for every anchor of an image without a candidate anchor, positive or negative voxel."""
     pos = (labels > 0).flatten(1)                       # J: positive-label voxels, (N, P)
     anchor_candidates = pos                             # random: any positive voxel may be an anchor
     N = pos.shape[0]
@@ -235,11 +236,11 @@ def random_sampler(labels: torch.Tensor, k: int = 20, m: int = 1, generator: tor
     weights = torch.where(has_any[..., None], cand, torch.ones_like(cand)).float().flatten(0, 1)
     draw = torch.multinomial(weights, k * m, replacement=True, generator=generator).view(3, N, k * m)
     valid = has_any.all(0)[:, None].expand(N, k)
-    return Tuples(draw[0, :, :k], draw[1].view(N, k, m), draw[2].view(N, k, m), valid)
+    return draw[0, :, :k], draw[1].view(N, k, m), draw[2].view(N, k, m), valid   # anchor, positive, negative, valid
 
 
 def focal_hard_negative_sampler(labels: torch.Tensor, probs: torch.Tensor, k: int = 20, m: int = 1,
-                                tau: float = 0.1, generator: torch.Generator | None = None) -> Tuples:
+                                tau: float = 0.1, generator: torch.Generator | None = None) -> tuple:
     """ii) Focal hard negative sampling (Section III-B-2, Eq. 1, Fig. 5b).
 
     Eq. 1: s_hard = 1 where |y_hat - y| > tau, with y_hat the predicted prostate probability (the heatmap of
@@ -247,7 +248,11 @@ def focal_hard_negative_sampler(labels: torch.Tensor, probs: torch.Tensor, k: in
     voxels that the network currently gets wrong by more than tau ("positive hard sample map").
     Positives and negatives are drawn at random by label, as in random sampling.
 
-    probs: (N, H, W) prostate probability; it is only read (detached), never back-propagated through."""
+    probs: (N, H, W) prostate probability; it is only read (detached), never back-propagated through.
+
+    Returns the tuple (anchor, positive, negative, valid): anchor (N, k) long, flat indices into the H*W voxels
+    of each image; positive and negative (N, k, m) long, m of each per anchor from the same image; valid (N, k)
+    bool, False for every anchor of an image without a candidate anchor, positive or negative voxel."""
     if probs.shape != labels.shape:
         raise ValueError(f"probs {tuple(probs.shape)} and labels {tuple(labels.shape)} must have the same shape")
     y = (labels > 0)
@@ -261,11 +266,11 @@ def focal_hard_negative_sampler(labels: torch.Tensor, probs: torch.Tensor, k: in
     weights = torch.where(has_any[..., None], cand, torch.ones_like(cand)).float().flatten(0, 1)
     draw = torch.multinomial(weights, k * m, replacement=True, generator=generator).view(3, N, k * m)
     valid = has_any.all(0)[:, None].expand(N, k)
-    return Tuples(draw[0, :, :k], draw[1].view(N, k, m), draw[2].view(N, k, m), valid)
+    return draw[0, :, :k], draw[1].view(N, k, m), draw[2].view(N, k, m), valid   # anchor, positive, negative, valid
 
 
 def contour_aware_sampler(labels: torch.Tensor, k: int = 20, m: int = 1,
-                          generator: torch.Generator | None = None) -> Tuples:
+                          generator: torch.Generator | None = None) -> tuple:
     """iii) Contour-aware sampling (Section III-B-2, Fig. 5c): anchors drawn from the prostate boundary.
 
     Boundary = mask minus its erosion by a 3x3 square (8-connectivity), computed on the tensor's device as
@@ -275,7 +280,11 @@ def contour_aware_sampler(labels: torch.Tensor, k: int = 20, m: int = 1,
 
     Paper is ambiguous on positives ("randomly selected according to the contour points"). We draw them
     from all prostate voxels, the set J of Eq. 2, so boundary features are pulled toward the interior's;
-    negatives are drawn from all background voxels, as the paper says."""
+    negatives are drawn from all background voxels, as the paper says.
+
+    Returns the tuple (anchor, positive, negative, valid): anchor (N, k) long, flat indices into the H*W voxels
+    of each image; positive and negative (N, k, m) long, m of each per anchor from the same image; valid (N, k)
+    bool, False for every anchor of an image without a candidate anchor, positive or negative voxel."""
     y = (labels > 0)
     mask = y.to(torch.float32)[:, None]                                 # (N, 1, H, W)
     eroded = -F.max_pool2d(-mask, kernel_size=3, stride=1, padding=1)   # 3x3 erosion
@@ -289,14 +298,14 @@ def contour_aware_sampler(labels: torch.Tensor, k: int = 20, m: int = 1,
     weights = torch.where(has_any[..., None], cand, torch.ones_like(cand)).float().flatten(0, 1)
     draw = torch.multinomial(weights, k * m, replacement=True, generator=generator).view(3, N, k * m)
     valid = has_any.all(0)[:, None].expand(N, k)
-    return Tuples(draw[0, :, :k], draw[1].view(N, k, m), draw[2].view(N, k, m), valid)
+    return draw[0, :, :k], draw[1].view(N, k, m), draw[2].view(N, k, m), valid   # anchor, positive, negative, valid
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Losses (Section III-B-3, Eq. 2-4)
 # ----------------------------------------------------------------------------------------------------------
 
-def metric_loss(feats: torch.Tensor, tuples: Tuples, sigma: float = 0.7, beta: float = 0.1, eps: float = 0.01,
+def metric_loss(feats: torch.Tensor, tuples: tuple, sigma: float = 0.7, beta: float = 0.1, eps: float = 0.01,
                 normalize: bool = True, per_anchor: bool = False) -> torch.Tensor:
     """Eq. 2: L_metric = sum_n sum_{K} sum_{J} sum_{M} [ ||a - p||^2 - ||a - n||^2 + sigma ]_+     (triplet term)
                         + beta * sum_n sum_{K} sum_{J} [ ||a - p||^2 - eps ]_+                    (positive-pair term)
@@ -307,22 +316,26 @@ def metric_loss(feats: torch.Tensor, tuples: Tuples, sigma: float = 0.7, beta: f
       * The pair term: Eq. 2 prints '+ eps' but the text calls eps "the maximum distance of the positive
         pairs", i.e. a pair is penalised only beyond eps: [d_ap - eps]_+. ('+ eps' inside a hinge would be a
         constant with no gradient.)
-      * Features are L2-normalised per voxel over the channel axis first (FaceNet again), so squared distances
-        lie in [0, 4] and the margin sigma = 0.7 has a fixed meaning. `normalize=False` uses raw features.
+      * Features are L2-normalised per voxel over the channel axis first (FaceNet again), so the margin sigma has
+        a fixed meaning. conv6d ends in a ReLU, so the unit features are non-negative and squared distances lie
+        in [0, 2] (not [0, 4]): sigma = 0.7 asks a negative to be 35 % of that range farther than the positive.
+        `normalize=False` uses raw features.
       * Sum, not mean, over tuples and images, as printed; with N = 30, k = 20, m = 1 this gives the "large
         magnitude" that Eq. 4's lambda = 0.01 balances against the cross-entropy.
     Every (positive, negative) combination of an anchor forms a triplet (m*m triplets per anchor).
 
-    Tuples with valid=False contribute an exact 0 through torch.where, which keeps the result attached to
+    tuples: (anchor, positive, negative, valid) as every sampler above returns (see the samplers' docstrings).
+    Anchors with valid=False contribute an exact 0 through torch.where, which keeps the result attached to
     the graph (every parameter before the sampling layer still gets a gradient, zero), so DistributedDataParallel
     never sees an unused parameter and no host sync is needed to test for an empty batch.
 
     One gather reads every anchor, positive and negative: its backward allocates a gradient the size of the
     whole feature map, so one gather instead of three is most of this function's cost on a CPU.
     per_anchor=True returns the (N, k) per-anchor terms (zero where invalid) instead of their sum."""
+    anchor, positive, negative, valid = tuples                          # what every sampler returns
     N, C = feats.shape[:2]
-    k, m = tuples.positive.shape[1:]
-    idx = torch.cat([tuples.anchor, tuples.positive.flatten(1), tuples.negative.flatten(1)], 1)   # (N, k + 2km)
+    k, m = positive.shape[1:]
+    idx = torch.cat([anchor, positive.flatten(1), negative.flatten(1)], 1)   # (N, k + 2km)
     f = feats.flatten(2).gather(2, idx.unsqueeze(1).expand(N, C, -1))                            # (N, C, k + 2km)
     if normalize:
         f = F.normalize(f, dim=1)
@@ -333,7 +346,7 @@ def metric_loss(feats: torch.Tensor, tuples: Tuples, sigma: float = 0.7, beta: f
     d_an = (a - n).pow(2).sum(1)
     triplet = F.relu(d_ap[..., :, None] - d_an[..., None, :] + sigma).sum((-1, -2))   # (N, k)
     pair = F.relu(d_ap - eps).sum(-1)                                                  # (N, k)
-    terms = torch.where(tuples.valid, triplet + beta * pair, torch.zeros_like(triplet))
+    terms = torch.where(valid, triplet + beta * pair, torch.zeros_like(triplet))
     return terms if per_anchor else terms.sum()
 
 
@@ -417,7 +430,7 @@ def total_loss(logits: torch.Tensor, feats: torch.Tensor, labels: torch.Tensor, 
             else:
                 raise ValueError(f"unknown sampler {name!r}")
         # every strategy's tuples in one metric_loss call (one gather), then each L_metric,t summed apart
-        joint = Tuples(*(torch.cat(field, 1) for field in zip(*tuples)))
+        joint = tuple(torch.cat(field, 1) for field in zip(*tuples))   # (anchor, positive, negative, valid)
         terms = metric_loss(feats.float(), joint, sigma, beta_eff, eps, normalize, per_anchor=True)
         for name, t_terms in zip(config.samplers, terms.split(k, dim=1)):
             parts[name] = t_terms.sum()

@@ -8,6 +8,12 @@ from scipy import ndimage
 
 import metricunet as M
 
+
+def named(t):
+    """A sampler's plain (anchor, positive, negative, valid) tuple with the fields by name, for readable tests."""
+    from types import SimpleNamespace
+    return SimpleNamespace(**dict(zip(("anchor", "positive", "negative", "valid"), t)))
+
 # Table I's '#' column, in thousands, for every layer with weights (block 4 renamed conv4a/conv4b).
 TABLE_I_K = {
     "conv1a": 0.9, "conv1b": 9, "conv2a": 18, "conv2b": 37, "conv3a": 74, "conv3b": 147,
@@ -99,7 +105,7 @@ def check_common(t, lab, k, m):
 
 def test_random_sampler_invariants():
     lab = blob_labels()
-    t = M.random_sampler(lab, k=7, m=3, generator=torch.Generator().manual_seed(1))
+    t = named(M.random_sampler(lab, k=7, m=3, generator=torch.Generator().manual_seed(1)))
     assert t.valid.all()
     check_common(t, lab, 7, 3)
 
@@ -108,7 +114,7 @@ def test_focal_hard_anchors_satisfy_eq1():
     lab = blob_labels()
     rng = np.random.default_rng(2)
     probs = torch.from_numpy(rng.uniform(0, 1, lab.shape)).float()
-    t = M.focal_hard_negative_sampler(lab, probs, k=50, m=1, tau=0.1, generator=torch.Generator().manual_seed(0))
+    t = named(M.focal_hard_negative_sampler(lab, probs, k=50, m=1, tau=0.1, generator=torch.Generator().manual_seed(0)))
     check_common(t, lab, 50, 1)
     for i in range(lab.shape[0]):
         a = t.anchor[i]
@@ -120,14 +126,14 @@ def test_focal_hard_without_hard_voxels_is_invalid():
     lab = blob_labels()
     probs = (lab > 0).float() * 0.95                  # every voxel within tau of its label
     probs[1] = 0.0                                    # image 1: all prostate voxels missed -> hard
-    t = M.focal_hard_negative_sampler(lab, probs, k=5, generator=torch.Generator().manual_seed(0))
+    t = named(M.focal_hard_negative_sampler(lab, probs, k=5, generator=torch.Generator().manual_seed(0)))
     assert t.valid.tolist() == [[False] * 5, [True] * 5, [False] * 5, [False] * 5]
 
 
 def test_contour_anchors_on_scipy_boundary():
     lab = blob_labels(n=3)
     lab[2, :10, :] = 1                                # a blob cut by the patch border
-    t = M.contour_aware_sampler(lab, k=400, m=2, generator=torch.Generator().manual_seed(3))
+    t = named(M.contour_aware_sampler(lab, k=400, m=2, generator=torch.Generator().manual_seed(3)))
     check_common(t, lab, 400, 2)
     for i in range(3):
         mask = lab[i].numpy() > 0
@@ -144,7 +150,7 @@ def test_empty_images_are_invalid_not_crashes():
     lab[2, 4:8, 4:8] = 1
     for t in (M.random_sampler(lab), M.contour_aware_sampler(lab),
               M.focal_hard_negative_sampler(lab, torch.zeros(3, 16, 16))):
-        assert t.valid[:, 0].tolist() == [False, False, True]
+        assert named(t).valid[:, 0].tolist() == [False, False, True]
 
 
 def test_samplers_reproducible_from_generator():
@@ -158,7 +164,7 @@ def test_samplers_reproducible_from_generator():
 
 def tuples_1(anchor, pos, neg):
     t = lambda v: torch.tensor(v).view(1, 1, -1)
-    return M.Tuples(torch.tensor([[anchor]]), t(pos), t(neg), torch.tensor([[True]]))
+    return torch.tensor([[anchor]]), t(pos), t(neg), torch.tensor([[True]])
 
 
 def test_eq2_hand_worked_raw_features():
@@ -185,8 +191,8 @@ def test_eq2_against_brute_force_loops():
     lab = blob_labels(3, 8, 8, seed=4) * 0
     lab[:, 2:6, 2:6] = 1
     lab[2] = 0                                        # an invalid image
-    t = M.random_sampler(lab, k=4, m=2, generator=g)
-    got = M.metric_loss(feats, t, sigma=0.5, beta=0.3, eps=0.2, normalize=True).item()
+    t = named(M.random_sampler(lab, k=4, m=2, generator=g))
+    got = M.metric_loss(feats, tuple(vars(t).values()), sigma=0.5, beta=0.3, eps=0.2, normalize=True).item()
     f = feats.flatten(2)
     f = f / f.norm(dim=1, keepdim=True)
     want = 0.0
