@@ -52,8 +52,14 @@ METRICS = ("DSC", "ASD", "HD95", "HD", "SEN", "PPV", "aRVD")
 HD95_DEFINITIONS = ("max", "pooled")
 
 
+def _foreground(x) -> np.ndarray:
+    """x > 0 as a bool array; a bool array is used as it is (no pass over the volume)."""
+    x = np.asarray(x)
+    return x if x.dtype == bool else x > 0
+
+
 def _as_pair(pred, gt, spacing):
-    pred, gt = np.asarray(pred) > 0, np.asarray(gt) > 0
+    pred, gt = _foreground(pred), _foreground(gt)
     if pred.ndim != 3 or gt.ndim != 3:
         raise ValueError(f"masks must be 3-D, got {pred.shape} and {gt.shape}")
     if pred.shape != gt.shape:
@@ -81,22 +87,35 @@ def _surface(mask):
     return mask & ~ndimage.binary_erosion(mask, ndimage.generate_binary_structure(3, 1), border_value=0)
 
 
-def joint_bbox(pred, gt, margin: int = 1):
-    """Slices of the bounding box of pred | gt grown by `margin` voxels, clipped to the volume."""
-    both = pred | gt
-    out = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        idx = np.flatnonzero(both.any(axis=other))
-        out.append(slice(max(idx[0] - margin, 0), min(idx[-1] + 1 + margin, both.shape[axis])))
-    return tuple(out)
+def bounding_box(mask: np.ndarray):
+    """[lo, hi) per axis of a bool mask's True voxels, or None if it has none, in about one pass over the
+    volume: a projection along the last (contiguous) axis gives the first two axes' ranges, then the last
+    axis's range is read inside that (small) box only."""
+    plane = mask.any(axis=2)                                   # the one whole-volume pass
+    rows, cols = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
+    if len(rows) == 0:
+        return None
+    sub = mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    deep = np.flatnonzero(sub.any(axis=(0, 1)))
+    return np.array([[rows[0], rows[-1] + 1], [cols[0], cols[-1] + 1], [deep[0], deep[-1] + 1]])
+
+
+def joint_bbox(pred, gt, margin: int = 1, boxes=None):
+    """Slices of the bounding box of pred | gt grown by `margin` voxels, clipped to the volume (None if both
+    masks are empty). `boxes`: the two masks' bounding_box results, if already known."""
+    boxes = [b for b in (boxes or (bounding_box(pred), bounding_box(gt))) if b is not None]
+    if not boxes:
+        return None
+    lo = np.min([b[:, 0] for b in boxes], axis=0) - margin
+    hi = np.max([b[:, 1] for b in boxes], axis=0) + margin
+    return tuple(slice(max(int(a), 0), min(int(b), n)) for a, b, n in zip(lo, hi, pred.shape))
 
 
 def directed_surface_distances(pred, gt, spacing, crop: bool = True):
     """d(Sur_seg -> Sur_gt) and d(Sur_gt -> Sur_seg) in mm, for two non-empty masks (Eq. 6 and 8).
 
     crop=True runs the distance transforms inside joint_bbox only; crop=False on the whole volume (the
-    reference that bench.py compares against)."""
+    reference that bench.py and the tests compare against)."""
     if crop:
         box = joint_bbox(pred, gt)
         pred, gt = pred[box], gt[box]
@@ -115,13 +134,14 @@ def hd95_from(d_seg_gt, d_gt_seg, definition: str = "max") -> float:
     raise ValueError(f"hd95 definition must be one of {HD95_DEFINITIONS}, got {definition!r}")
 
 
-def distance_metrics(pred, gt, spacing, hd95_definition: str = "max", crop: bool = True) -> dict:
-    """ASD (Eq. 6), HD (Eq. 8) and HD95 in mm, with the empty-mask conventions of the module docstring."""
+def distance_metrics(pred, gt, spacing, hd95_definition: str = "max", crop: bool = True, shape=None) -> dict:
+    """ASD (Eq. 6), HD (Eq. 8) and HD95 in mm, with the empty-mask conventions of the module docstring.
+    shape: the whole volume's shape when pred and gt are already crops of it (for the empty-mask diagonal)."""
     any_pred, any_gt = pred.any(), gt.any()
     if not any_pred and not any_gt:
         return dict(ASD=0.0, HD=0.0, HD95=0.0)
     if not (any_pred and any_gt):
-        worst = float(np.linalg.norm(np.asarray(pred.shape) * spacing))   # the volume's diagonal
+        worst = float(np.linalg.norm(np.asarray(shape or pred.shape) * spacing))   # the volume's diagonal
         return dict(ASD=worst, HD=worst, HD95=worst)
     d1, d2 = directed_surface_distances(pred, gt, spacing, crop=crop)
     return dict(ASD=float(0.5 * (d1.mean() + d2.mean())),
@@ -129,11 +149,24 @@ def distance_metrics(pred, gt, spacing, hd95_definition: str = "max", crop: bool
                 HD95=hd95_from(d1, d2, hd95_definition))
 
 
-def evaluate(pred, gt, spacing=(1.0, 1.0, 1.0), hd95_definition: str = "max") -> dict:
-    """All metrics of one case: DSC, ASD, HD95, HD, SEN, PPV, aRVD."""
+def evaluate(pred, gt, spacing=(1.0, 1.0, 1.0), hd95_definition: str = "max", crop: bool = True) -> dict:
+    """All metrics of one case: DSC, ASD, HD95, HD, SEN, PPV, aRVD.
+
+    Why the union box is enough for every metric: outside the bounding box of pred | gt both masks are
+    background by definition, so every voxel count (|seg|, |gt|, |seg & gt|) is the same inside the box as over
+    the volume, and every surface voxel lies inside it. The one-voxel margin keeps the box's edge background,
+    so the erosion that finds the surface sees what it sees in the whole volume (where the box is clipped by
+    the volume's edge, the edge is the volume's own). So each bool mask is read once, to find its box, and all
+    the rest (counts, surfaces, distance transforms) runs on the box. crop=False computes everything on the
+    whole volume instead (the reference the tests and bench.py compare against)."""
     pred, gt, spacing = _as_pair(pred, gt, spacing)
+    shape = pred.shape
+    if crop:
+        box = joint_bbox(pred, gt)
+        box = box or (slice(0, 0),) * 3                         # both empty: nothing to look at
+        pred, gt = pred[box], gt[box]
     out = overlap_metrics(pred, gt)
-    out.update(distance_metrics(pred, gt, spacing, hd95_definition))
+    out.update(distance_metrics(pred, gt, spacing, hd95_definition, crop=False, shape=shape))
     return {k: out[k] for k in METRICS}
 
 

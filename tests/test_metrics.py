@@ -186,3 +186,61 @@ def test_cli_clear_errors(tmp_path, capsys):
     (p1 / "prostate_1.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
     assert metrics.main([str(p1), str(gt)]) == 2
     assert "cannot read NIfTI" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ the union-box crop is exact (issue 14)
+
+def _placed(rng, shape, touch_border):
+    """A random blob mask somewhere in `shape`; touch_border pushes it against a random face of the volume."""
+    m = np.zeros(shape, bool)
+    size = [int(rng.integers(2, max(3, n // 2 + 1))) for n in shape]
+    lo = [int(rng.integers(0, n - s + 1)) for n, s in zip(shape, size)]
+    if touch_border:
+        axis = int(rng.integers(3))
+        lo[axis] = 0 if rng.random() < 0.5 else shape[axis] - size[axis]
+    blob = random_shape(rng, tuple(size))
+    m[tuple(slice(a, a + s) for a, s in zip(lo, size))] = blob
+    return m
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_union_box_crop_identical_to_whole_volume(seed):
+    rng = np.random.default_rng(100 + seed)
+    shape = (int(rng.integers(8, 40)), int(rng.integers(8, 40)), int(rng.integers(3, 24)))
+    spacing = rng.uniform(0.4, 3.0, 3)
+    pred = _placed(rng, shape, touch_border=seed % 2 == 0)
+    gt = _placed(rng, shape, touch_border=seed % 3 == 0)
+    if seed == 10:
+        pred[:] = False                                  # empty prediction
+    if seed == 11:
+        pred[:], gt[:] = False, False                    # both empty
+    fast = metrics.evaluate(pred, gt, spacing)
+    whole = metrics.evaluate(pred, gt, spacing, crop=False)
+    # counts by hand over the whole volume: the overlap metrics must be bit-identical
+    tp, n_seg, n_gt = int((pred & gt).sum()), int(pred.sum()), int(gt.sum())
+    if n_seg + n_gt:
+        assert fast["DSC"] == 2 * tp / (n_seg + n_gt)
+    for m in metrics.METRICS:
+        if m in ("ASD", "HD95", "HD"):
+            assert abs(fast[m] - whole[m]) <= 1e-9, (m, fast[m], whole[m])
+        else:
+            assert fast[m] == whole[m], (m, fast[m], whole[m])
+
+
+def test_bounding_box_against_argwhere():
+    rng = np.random.default_rng(7)
+    for _ in range(5):
+        m = _placed(rng, (20, 17, 9), touch_border=True)
+        idx = np.argwhere(m)
+        want = np.stack([idx.min(0), idx.max(0) + 1], 1)
+        assert np.array_equal(metrics.bounding_box(m), want)
+    assert metrics.bounding_box(np.zeros((4, 4, 4), bool)) is None
+
+
+def test_non_bool_inputs_use_greater_than_zero():
+    gt = np.zeros((10, 10, 10), np.float32)
+    gt[2:5, 2:5, 2:5] = 1
+    pred = -np.ones_like(gt)                             # negative values are background, not "nonzero"
+    pred[2:5, 2:5, 2:6] = 2
+    r = metrics.evaluate(pred, gt)
+    assert r["DSC"] == 2 * 27 / (27 + 36) and r["SEN"] == 1.0
