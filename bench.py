@@ -117,15 +117,17 @@ def bench_loader(args, device):
     labs = [np.zeros((128, 128, 128), np.uint8) for _ in range(8)]
     for lab in labs:
         lab[44:84, 50:80, 46:81] = 1
-    ds = data.PatchDataset(vols, labs, patch=64, n_slices=3, patches_per_image=500)
-    for workers in (0, 2):
-        loader = DataLoader(ds, batch_size=args.batch, shuffle=True, num_workers=workers, drop_last=True)
-        t0, n = time.perf_counter(), 0
-        for x, _ in loader:
-            n += len(x)
-            if n >= 3000:
-                break
-        print(f"  loader, {workers} workers: {n / (time.perf_counter() - t0):9.0f} patches/s")
+    for augment in (False, True):                          # --augment (small-data presets) vs the paper's patches
+        ds = data.PatchDataset(vols, labs, patch=64, n_slices=3, patches_per_image=500, augment=augment)
+        for workers in (0, 2):
+            loader = DataLoader(ds, batch_size=args.batch, shuffle=True, num_workers=workers, drop_last=True)
+            t0, n = time.perf_counter(), 0
+            for x, _ in loader:
+                n += len(x)
+                if n >= 3000:
+                    break
+            print(f"  loader, {workers} workers, augment {'on ' if augment else 'off'}: "
+                  f"{n / (time.perf_counter() - t0):9.0f} patches/s")
     for width in (args.width, 0.25):
         model = M.build_model("HCP", width=width).to(device)
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -166,7 +168,7 @@ def bench_infer(args, device):
             print(f"  width {width}: stage 1 {t1:.2f} s, stage 2 (128 slices of 128x128) {t2:.2f} s")
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", nargs="?", default="all", choices=["model", "metrics", "loader", "infer", "all"])
     p.add_argument("--device", default="cpu")
@@ -174,8 +176,18 @@ def main():
     p.add_argument("--batch", type=int, default=30)
     p.add_argument("--width", type=float, default=1.0)
     p.add_argument("--config", default="HCP")
-    args = p.parse_args()
-    device = torch.device(args.device)
+    args = p.parse_args(argv)
+    import metricunet as M
+    for flag in ("repeats", "batch", "width"):
+        if not getattr(args, flag) > 0:
+            p.error(f"--{flag} must be > 0, got {getattr(args, flag)}")
+    try:
+        args.config = M.get_config(args.config).name
+        device = torch.device(args.device)
+    except (ValueError, RuntimeError) as e:
+        p.error(str(e))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA GPU is available here")
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")
     entries = {"model": bench_model, "metrics": bench_metrics, "loader": bench_loader, "infer": bench_infer}
     for name, fn in entries.items():

@@ -12,9 +12,10 @@ Pipeline, in the order it runs (each step names the paper's section):
                         connected component), normalise intensities to [0, 255] (uint8), find the femoral-head
                         reference centre (Section III-A). Cached as .npz, so epochs and runs never resample again.
   stage1_volume         Section III-A: the body image at 1/4 size (trilinear).
-  Stage1Patches         64 x 64 x 5 training patches of the 1/4-size image, label of the middle slice.
   crop_around           Section III-A: the 128^3 crop at 1 mm around a centre, padded past the volume.
-  Stage2Patches         Section IV-B: 64 x 64 x 3 patches of the crop, 500 per image.
+  PatchDataset          Section III-A / IV-B: 2.5D training patches, 64 x 64 x 5 of the 1/4-size image
+                        (Stage 1) or 64 x 64 x 3 of the crop (Stage 2, 500 per image), label of the middle
+                        slice; optional on-the-fly augmentation (augment_patch; paper is silent).
   split_cases           Section IV-A: a deterministic 70 / 10 / 20 split by seed.
   to_original_grid      the inverse of preprocess: a 1-mm probability map back onto the input's grid.
   make_phantom          the synthetic pelvic CT with known ground truth.
@@ -48,6 +49,7 @@ CT_WINDOW_HU = (-160.0, 240.0)
 MR_PERCENTILES = (0.5, 99.5)
 CT_BODY_HU = -500.0       # body = HU above this (air is -1000, fat -100)
 CT_BONE_HU = 200.0        # femoral heads: bone threshold
+MAX_SLICE_MM = 6.0        # coarser voxels get a warning: a 30-40 mm prostate spans only a few such slices
 
 
 class DataError(ValueError):
@@ -157,11 +159,15 @@ def load_case(case: Case, need_label: bool = True):
     data = np.asarray(data, dtype=np.float32)
     if not np.all(np.isfinite(data)):
         raise DataError(f"{case.image}: image holds NaN or infinite voxels")
-    zooms = np.asarray(img.header.get_zooms()[:3], dtype=np.float64)
-    if not np.all(np.isfinite(zooms)) or np.any(zooms <= 0):
-        raise DataError(f"{case.image}: voxel spacing must be positive, header says {zooms.tolist()} mm")
-    if abs(np.linalg.det(img.affine[:3, :3])) < 1e-9:
-        raise DataError(f"{case.image}: singular affine (zero spacing?)\n{img.affine}")
+    # Geometry comes from the affine (what nibabel, nnU-Net and ITK use), not the header's pixdim, which some
+    # converters leave stale: the voxel size along each array axis is the length of that affine column.
+    zooms = np.sqrt((np.asarray(img.affine, np.float64)[:3, :3] ** 2).sum(0))
+    if not np.all(np.isfinite(img.affine)) or abs(np.linalg.det(img.affine[:3, :3])) < 1e-9:
+        raise DataError(f"{case.image}: singular affine (zero spacing?) or non-finite values; fix the file's "
+                        f"sform/qform: {np.round(img.affine, 3).tolist()}")
+    if zooms.max() > MAX_SLICE_MM:
+        print(f"warning: {case.image}: voxels of {zooms.round(2).tolist()} mm; slices coarser than {MAX_SLICE_MM:g} "
+              f"mm cannot resolve the prostate's ends (its volume may be off by tens of per cent)", file=sys.stderr)
     if min(data.shape) < 2:
         raise DataError(f"{case.image}: volume too small, shape {data.shape}")
     ornt = O.io_orientation(img.affine)
@@ -313,8 +319,8 @@ def preprocess(case: Case, need_label: bool = True, log=None) -> Prepared:
     hu = hu[box]
     ref, note = (femoral_head_centre(hu) if modality == "ct"
                  else (None, "MR: no femoral-head reference, the Stage-1 estimate is used alone"))
-    if log and ref is None:
-        log(f"  {case.name}: reference centre not found ({note}); falling back to the Stage-1 estimate")
+    if log and ref is None and modality == "ct":
+        log(f"  {case.name}: no femoral-head reference centre ({note})")
     sample = hu[::2, ::2, ::2]
     img8 = normalise(hu, modality, sample[sample > np.percentile(sample, 10)] if modality == "mr" else None)
     lab8 = None
@@ -406,18 +412,29 @@ def split_cases(names: list[str], seed: int = 0, fractions=(0.7, 0.1, 0.2), fold
 
 # ---------------------------------------------------------------------------------------------- Stage 1
 
-def stage1_volume(volume: np.ndarray, factor: int = STAGE1_FACTOR, order: int = 1) -> np.ndarray:
+def stage1_volume(volume: np.ndarray, factor: int = STAGE1_FACTOR, order: int = 1, antialias: bool = False) -> np.ndarray:
     """Section III-A: "we down-sample the images into 1/4 size of the original scale by trilinear
-    interpolation": voxel j of the result sits at voxel factor*j of the input."""
+    interpolation": voxel j of the result sits at voxel factor*j of the input.
+
+    Trilinear interpolation read at integer positions (4j) is plain decimation, v[::4, ::4, ::4]: three voxels
+    in four are never looked at, and anything thinner than 4 mm (a prostate edge, noise) aliases. The paper
+    is silent on anti-aliasing; antialias=True (`--stage1-antialias`, on in the small-data presets) first
+    low-passes with a Gaussian of sigma = (factor - 1) / 2 voxels (scikit-image's rescale default, 1.5 mm here),
+    which is what down-sampling by interpolation is meant to do; the output grid is unchanged (voxel j still
+    sits at input voxel factor*j), so the Stage-1 centre maps back the same way."""
+    v = volume.astype(np.float32)
+    if antialias:
+        v = ndimage.gaussian_filter(v, sigma=(factor - 1) / 2, mode="nearest")
     out_shape = tuple((n - 1) // factor + 1 for n in volume.shape)
-    return ndimage.affine_transform(volume.astype(np.float32), np.full(3, float(factor)),
-                                    output_shape=out_shape, order=order, mode="nearest")
+    return ndimage.affine_transform(v, np.full(3, float(factor)), output_shape=out_shape, order=order, mode="nearest")
 
 
-def stage1_pair(p: Prepared):
-    """(1/4-size image uint8, 1/4-size label uint8) of a preprocessed case."""
-    img = np.round(stage1_volume(p.image)).astype(np.uint8)
-    lab = None if p.label is None else (stage1_volume(p.label.astype(np.float32)) >= 0.5).astype(np.uint8)
+def stage1_pair(p: Prepared, antialias: bool = False):
+    """(1/4-size image uint8, 1/4-size label uint8) of a preprocessed case. The label is down-sampled as an
+    occupancy (with antialias: the share of prostate around each coarse voxel) and thresholded at 0.5."""
+    img = np.round(stage1_volume(p.image, antialias=antialias)).astype(np.uint8)
+    lab = None if p.label is None else (
+        stage1_volume(p.label.astype(np.float32), antialias=antialias) >= 0.5).astype(np.uint8)
     return img, lab
 
 
@@ -440,6 +457,61 @@ def crop_around(volume: np.ndarray, centre, size: int = CROP_SIZE, fill: int = 0
     return out, start
 
 
+# ---------------------------------------------------------------------------------------------- augmentation
+# Paper is silent on augmentation for MetricUNet itself, and its ablation trains without it on purpose
+# (Section IV-D: "we avoid using many complicated techniques ... e.g., data augmentation"), so `--preset paper`
+# and `--paper-strict` never augment. With a handful of scans it is what keeps a network from memorising them
+# (`--augment`, on in the small-data presets). Ranges are nnU-Net's, narrowed where 2.5D patches of a
+# resampled, body-cropped CT need less: the patient lies on the table the same way up.
+AUGMENT = dict(
+    flip=0.5,                     # left-right mirror (RAS axis 0); the pelvis is near-symmetric, the label too
+    rotate_deg=15.0,              # in-plane rotation, uniform in +-15 degrees
+    scale=(0.85, 1.15),           # in-plane zoom
+    gamma=(0.8, 1.25),            # x -> x ** gamma on [0, 1], log-uniform
+    contrast=(0.9, 1.1),          # x -> x * c + b
+    brightness=(-0.05, 0.05),
+    noise_sd=(0.0, 0.03),         # additive Gaussian noise, sd uniform in this range (of the [0, 1] scale)
+)
+
+
+def draw_augmentation(rng: np.random.Generator) -> dict:
+    """One patch's augmentation parameters, drawn from AUGMENT."""
+    A = AUGMENT
+    return dict(flip=bool(rng.random() < A["flip"]), angle=math.radians(rng.uniform(-A["rotate_deg"], A["rotate_deg"])),
+                scale=rng.uniform(*A["scale"]), gamma=math.exp(rng.uniform(*np.log(A["gamma"]))),
+                contrast=rng.uniform(*A["contrast"]), brightness=rng.uniform(*A["brightness"]),
+                noise_sd=rng.uniform(*A["noise_sd"]), noise_seed=int(rng.integers(2 ** 31)))
+
+
+def patch_coordinates(centre_xy, size: int, angle: float = 0.0, scale: float = 1.0, flip: bool = False):
+    """(2, size, size) input-plane coordinates read by each pixel of an output patch centred on centre_xy:
+    output pixel u (relative to the patch centre) reads input point centre + R(angle) F u / scale, with F the
+    left-right mirror if flip. scale > 1 zooms in (anatomy looks larger). Identity parameters give exactly the
+    unrotated patch, x0 .. x0 + size - 1."""
+    u = np.arange(size, dtype=np.float64) - (size - 1) / 2
+    uu, vv = np.meshgrid(u, u, indexing="ij")
+    if flip:
+        uu = -uu
+    c, s = math.cos(angle), math.sin(angle)
+    return np.stack([centre_xy[0] + (c * uu - s * vv) / scale, centre_xy[1] + (s * uu + c * vv) / scale])
+
+
+def augment_patch(img_slices: list, label_slice: np.ndarray, centre_xy, size: int, params: dict):
+    """Spatial augmentation of one 2.5D patch, image and label through the same coordinates: each image slice
+    bilinearly, the label as a bilinear occupancy thresholded at 0.5 (as labels are resampled elsewhere).
+    Points outside the volume read 0 (air after normalisation, the crop's own padding). Then the intensity
+    part on the image alone. img_slices: n (X, Y) uint8 slices; returns ((size, size, n) float32 in [0, 1]-ish,
+    (size, size) uint8)."""
+    xy = patch_coordinates(centre_xy, size, params["angle"], params["scale"], params["flip"])
+    x = np.stack([ndimage.map_coordinates(sl, xy, output=np.float32, order=1, mode="constant", cval=0.0)
+                  for sl in img_slices], -1) / 255.0
+    y = ndimage.map_coordinates(label_slice.astype(np.float32), xy, order=1, mode="constant", cval=0.0) >= 0.5
+    x = np.clip(x, 0, 1) ** params["gamma"] * params["contrast"] + params["brightness"]
+    if params["noise_sd"] > 0:
+        x = x + np.random.default_rng(params["noise_seed"]).normal(0, params["noise_sd"], x.shape)
+    return x.astype(np.float32), y.astype(np.uint8)
+
+
 class PatchDataset:
     """2.5D training patches (Section III-A for Stage 1, IV-B for Stage 2) from in-memory uint8 volumes.
 
@@ -452,17 +524,22 @@ class PatchDataset:
 
     Paper is silent on where patches are drawn ("randomly cropped ... in a sliding-window fashion"). A
     fraction `fg_fraction` of patches (default 1/3, nnU-Net's foreground oversampling) is centred on a random
-    prostate voxel, the rest are uniform over the volume, because the prostate fills about 3 % of a 128^3 crop."""
+    prostate voxel, the rest are uniform over the volume, because the prostate fills about 3 % of a 128^3 crop.
+
+    augment=True (paper is silent; see AUGMENT) transforms each patch on the fly, from its own few slices only
+    (no full-volume work per step). An index past len(self) means epoch (i // len) of patch (i % len): the
+    patch stays the same, its augmentation is drawn from (seed, patch, epoch), so every epoch sees a new,
+    reproducible variant (train.py's sampler adds epoch * len to the indices)."""
 
     def __init__(self, images, labels, patch: int = 64, n_slices: int = 3, patches_per_image: int = 500,
-                 fg_fraction: float = 1 / 3, seed: int = 0):
+                 fg_fraction: float = 1 / 3, seed: int = 0, augment: bool = False):
         if len(images) != len(labels) or not images:
             raise ValueError("need as many labels as images, and at least one")
         self.images = [self._pad(np.asarray(v), patch) for v in images]
         self.labels = [self._pad(np.asarray(v), patch) for v in labels]
         self.fg = [np.argwhere(lab > 0) for lab in self.labels]
         self.patch, self.n_slices, self.per_image = patch, n_slices, patches_per_image
-        self.fg_fraction, self.seed = fg_fraction, seed
+        self.fg_fraction, self.seed, self.augment = fg_fraction, seed, augment
 
     @staticmethod
     def _pad(v, patch):
@@ -474,6 +551,7 @@ class PatchDataset:
 
     def __getitem__(self, i):
         import torch
+        epoch, i = divmod(int(i), len(self))
         v = i // self.per_image
         img, lab, fg = self.images[v], self.labels[v], self.fg[v]
         rng = np.random.default_rng((self.seed, i))
@@ -487,6 +565,12 @@ class PatchDataset:
             x0, y0 = rng.integers(0, img.shape[0] - P + 1), rng.integers(0, img.shape[1] - P + 1)
             z = int(rng.integers(0, img.shape[2]))
         zs = np.clip(np.arange(z - half, z + half + 1), 0, img.shape[2] - 1)
+        if self.augment:
+            params = draw_augmentation(np.random.default_rng((self.seed, i, epoch, 1)))
+            x, y = augment_patch([img[:, :, k] for k in zs], lab[:, :, z], (x0 + (P - 1) / 2, y0 + (P - 1) / 2),
+                                 P, params)
+            return (torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1))),
+                    torch.from_numpy(y.astype(np.int64)))
         x = img[x0:x0 + P, y0:y0 + P][:, :, zs]                      # (P, P, n_slices)
         y = lab[x0:x0 + P, y0:y0 + P, z]
         return (torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1))).float().div_(255.0),
@@ -634,6 +718,10 @@ def make_phantom(out_dir, cases: int = 20, seed: int = 0, log=print) -> Path:
     odd cases are stored LPS (x and y flipped, as DICOM converters write CT) to exercise reorientation."""
     import nibabel as nib
     out = Path(out_dir)
+    if cases < 1:
+        raise ValueError(f"--cases must be at least 1, got {cases}")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file; the phantom is written to a new folder")
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; the phantom is only written to a new folder")
     (out / "imagesTr").mkdir(parents=True, exist_ok=True)
@@ -695,7 +783,7 @@ def main(argv=None):
             for prep in prepare_cases(cases, args.cache):
                 print(f"  {prep.name}: 1-mm body crop {prep.image.shape}, prostate {prep.label.sum() / 1000:.0f} ml, "
                       f"reference: {prep.meta['reference_note']}")
-    except (DataError, FileExistsError) as e:
+    except (ValueError, OSError) as e:                  # DataError is a ValueError; FileExistsError an OSError
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,6 +1,6 @@
 """Segment the prostate in new images with a trained two-stage MetricUNet (Sections III-A, IV-B).
 
-    python infer.py RUN_DIR INPUT OUTPUT_DIR [--save-prob] [--channel T2] [--largest-component]
+    python infer.py RUN_DIR INPUT OUTPUT_DIR [--save-prob] [--channel T2] [--largest-component] [--png DIR [--gt GT]]
 
 INPUT is a NIfTI file or a folder of them (a Decathlon/nnU-Net root's imagesTr/ is used). For each image:
   body crop + 1 mm + [0, 255] (Section IV-B, data.preprocess)
@@ -9,7 +9,9 @@ INPUT is a NIfTI file or a folder of them (a Decathlon/nnU-Net root's imagesTr/ 
   -> 128^3 crop at 1 mm -> Stage 2 on whole slices, no patch voting (Section IV-B)
   -> probability mapped back onto the input's own grid -> OUTPUT_DIR/CASE.nii.gz (uint8 mask, the input's
      affine and shape); with --save-prob also CASE_prob.nii.gz (float32 heatmap, Fig. 1).
-It never writes into the input's folder and never overwrites an input file.
+With --png DIR, a picture per case: axial slices through the prostate with the prediction's contour (red), the
+ground truth's when --gt is given (green, as in Fig. 8), and the heatmap (Fig. 1).
+It never writes inside an input data folder and never replaces an existing file unless --overwrite is given.
 """
 from __future__ import annotations
 
@@ -25,20 +27,27 @@ import metricunet as M
 
 
 def load_models(run_dir, device):
-    """The best Stage-1 and Stage-2 checkpoints of a run (weights_only: no pickle code is executed)."""
+    """The best Stage-1 and Stage-2 checkpoints of a run (weights_only: no pickle code is executed), and the
+    Stage-2 run's arguments with Stage 1's own stage1_antialias."""
     run = Path(run_dir)
     models = []
     for stage in (1, 2):
         path = run / f"stage{stage}_best.pt"
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: is {run} a finished train.py run folder?")
-        ck = torch.load(path, map_location=device, weights_only=True)
-        a = ck["args"]
-        model = (M.LightUNet(in_channels=5, filters=a["stage1_filters"]) if stage == 1
-                 else M.build_model(a["config"], in_channels=3, width=a["width"]))
-        model.load_state_dict(ck["model"])
+        try:                   # weights_only: a checkpoint that holds code is refused, never run
+            ck = torch.load(path, map_location=device, weights_only=True)
+            a = ck["args"]
+            model = (M.LightUNet(in_channels=5, filters=a["stage1_filters"]) if stage == 1
+                     else M.build_model(a["config"], in_channels=3, width=a["width"]))
+            model.load_state_dict(ck["model"])
+        except Exception as e:  # truncated, garbage, foreign or code-carrying files all end here
+            raise ValueError(f"{path}: not a valid or trusted train.py checkpoint ({type(e).__name__}); it was not "
+                             f"loaded. Use the run folder train.py wrote, or retrain") from None
         models.append(model.to(device).eval())
-    return models[0], models[1], ck["args"]
+        if stage == 1:                      # how Stage 1 saw its input (it may come from another run)
+            stage1_antialias = bool(a.get("stage1_antialias", False))
+    return models[0], models[1], dict(ck["args"], stage1_antialias=stage1_antialias)
 
 
 @torch.no_grad()
@@ -78,9 +87,11 @@ def prostate_centre(reference, predicted, shape, log=print, name=""):
     return (np.asarray(shape) - 1) / 2
 
 
-def segment(prep: data.Prepared, stage1, stage2, device, log=print, largest_component=False):
-    """One preprocessed case -> (prostate probability on the 1-mm body crop, centre used)."""
-    img1, _ = data.stage1_pair(prep)
+def segment(prep: data.Prepared, stage1, stage2, device, log=print, largest_component=False,
+            stage1_antialias=False):
+    """One preprocessed case -> (prostate probability on the 1-mm body crop, centre used).
+    stage1_antialias: down-sample as the run's Stage 1 was trained (train.py --stage1-antialias)."""
+    img1, _ = data.stage1_pair(prep, antialias=stage1_antialias)
     p1 = predict_volume(stage1, img1, 5, device)
     centre = prostate_centre(prep.meta["reference_centre"], stage1_centre(p1), prep.image.shape, log, prep.name)
     crop, start = data.crop_around(prep.image, centre, data.CROP_SIZE)
@@ -93,6 +104,69 @@ def segment(prep: data.Prepared, stage1, stage2, device, log=print, largest_comp
     dst = tuple(slice(a.start - s, a.stop - s) for a, s in zip(src, start))
     prob[src] = p2[dst]
     return prob, centre
+
+
+# ---------------------------------------------------------------------------------------------- pictures
+# Fig. 1 (heatmap) and Fig. 8 (contours) as PNGs, without a plotting dependency: a PNG is a signature, an IHDR
+# chunk (size, 8-bit RGB), one zlib-compressed IDAT chunk of the rows (each prefixed by filter type 0) and an
+# IEND chunk, each chunk with its CRC-32 (PNG specification, ISO/IEC 15948).
+
+def write_png(path: Path, rgb: np.ndarray) -> None:
+    """An (H, W, 3) uint8 array as an 8-bit RGB PNG (standard library only: zlib, struct), written atomically."""
+    import struct
+    import zlib
+    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) image, got {rgb.shape}")
+    h, w, _ = rgb.shape
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+    rows = np.concatenate([np.zeros((h, 1), np.uint8), rgb.reshape(h, w * 3)], 1)    # filter byte 0 per row
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(rows.tobytes(), 9)) + chunk(b"IEND", b""))
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(png)
+    tmp.replace(path)
+
+
+def contour_of(mask2d: np.ndarray) -> np.ndarray:
+    """The inner boundary of a 2-D mask (mask minus its 4-connected erosion)."""
+    from scipy import ndimage
+    return mask2d & ~ndimage.binary_erosion(mask2d)
+
+
+def overlay_panel(image2d: np.ndarray, prob2d: np.ndarray, gt2d=None) -> np.ndarray:
+    """One axial slice as two side-by-side RGB panels: left, the grey image with the prediction's contour
+    (red, prob > 0.5) and, if given, the ground truth's (green; yellow where they coincide), as in Fig. 8;
+    right, the prostate probability as a heatmap over the image (Fig. 1). Rows = anterior-posterior up."""
+    g = np.clip(image2d, 0, 255).astype(np.float32)
+    grey = np.repeat(g[..., None], 3, -1)
+    left = grey.copy()
+    pred_c = contour_of(prob2d > 0.5)
+    if gt2d is not None:
+        gt_c = contour_of(gt2d > 0)
+        left[gt_c] = (0, 220, 0)
+        left[gt_c & pred_c] = (255, 230, 0)
+        left[pred_c & ~gt_c] = (255, 40, 40)
+    else:
+        left[pred_c] = (255, 40, 40)
+    p = np.clip(prob2d, 0, 1)[..., None]
+    heat = np.concatenate([np.clip(3 * p, 0, 1), np.clip(3 * p - 1, 0, 1), np.clip(3 * p - 2, 0, 1)], -1) * 255
+    right = grey * (1 - 0.6 * p) + heat * 0.6 * p                       # 'hot' colour map, blended by p
+    both = np.concatenate([left, np.full((g.shape[0], 4, 3), 255.0), right], 1)
+    return np.rot90(both.astype(np.uint8), 1)                            # RAS (x, y) -> anterior up
+
+
+def overlay_figure(image: np.ndarray, prob: np.ndarray, gt=None, n_slices: int = 3) -> np.ndarray:
+    """n_slices axial slices through the prostate (of the ground truth if given, else of the prediction;
+    the middle slices of the volume if neither has any), stacked vertically; each row as overlay_panel."""
+    ref = gt if gt is not None and gt.any() else (prob > 0.5)
+    zs = np.flatnonzero(ref.any((0, 1))) if ref.any() else np.arange(image.shape[2])
+    picks = np.unique(zs[np.linspace(len(zs) * 0.2, len(zs) * 0.8, n_slices).astype(int).clip(0, len(zs) - 1)])
+    rows = [overlay_panel(image[..., z], prob[..., z], None if gt is None else gt[..., z]) for z in picks]
+    sep = np.full((4, rows[0].shape[1], 3), 255, np.uint8)
+    return np.concatenate([r for row in rows for r in (row, sep)][:-1], 0)
 
 
 def output_path(out_dir: Path, case: str, suffix: str = "") -> Path:
@@ -111,47 +185,131 @@ def save_like(array, reference_img, path: Path, dtype):
     tmp.replace(path)
 
 
+IMAGE_FOLDERS = ("imagesTr", "imagesTs", "images")
+
+
 def list_inputs(inp: Path):
+    """The NIfTI images to segment: a file, or every image of a folder (a data set root's imagesTr/). Label
+    files that sit beside the images (PROMISE12's CASE_segmentation) are not images and are skipped."""
     if inp.is_dir():
         folder = inp / "imagesTr" if (inp / "imagesTr").is_dir() else inp
-        files = sorted(p for p in folder.iterdir() if p.name.endswith((".nii", ".nii.gz")) and not p.name.startswith("."))
+        files = sorted(p for p in folder.iterdir() if p.name.endswith((".nii", ".nii.gz")) and not p.name.startswith(".")
+                       and not p.name.split(".nii")[0].endswith("_segmentation"))
         if not files:
-            raise FileNotFoundError(f"no NIfTI files in {folder}")
+            other = sorted({p.suffix for p in folder.iterdir() if p.suffix in (".mhd", ".mha", ".nrrd", ".dcm")})
+            hint = f" (found {', '.join(other)}: NIfTI only, convert them first, e.g. with SimpleITK)" if other else ""
+            raise FileNotFoundError(f"no NIfTI images (.nii, .nii.gz) in {folder}{hint}")
         return files
     if not inp.is_file():
         raise FileNotFoundError(f"{inp}: no such file or folder")
+    if not inp.name.endswith((".nii", ".nii.gz")):
+        raise ValueError(f"{inp}: not a NIfTI file (.nii, .nii.gz); convert it first, e.g. with SimpleITK")
     return [inp]
 
 
-def run(run_dir, inputs, out_dir, channel="0", device=None, save_prob=False, largest_component=False, log=print):
-    """Segment every input file into out_dir; returns the written mask paths."""
+def protected_folders(in_paths, input_arg=None) -> set:
+    """Folders nothing may be written into: the folder given as input, each input file's own folder, and
+    the data set an image belongs to (the parent of imagesTr/, images/ ..., or any folder with a dataset.json
+    above it), so that neither the images nor the labels beside them can be replaced."""
+    out = {Path(input_arg).resolve()} if input_arg is not None and Path(input_arg).is_dir() else set()
+    for p in in_paths:
+        folder = Path(p).resolve().parent
+        out.add(folder)
+        if folder.name in IMAGE_FOLDERS:
+            out.add(folder.parent)
+        out.update(f for f in folder.parents if (f / "dataset.json").is_file())
+    return out
+
+
+def check_output_folder(out_dir: Path, protected: set, what: str = "output folder") -> None:
+    o = Path(out_dir).resolve()
+    for f in protected:
+        if o == f or f in o.parents:
+            raise ValueError(f"{what} {out_dir} lies inside an input folder ({f}), where nothing is written; "
+                             f"choose a folder outside it")
+
+
+def resolve_channel(path: Path, channel, log=print) -> int:
+    """--channel by index, or by name through the data set's dataset.json. A 3-D image has one channel, so a
+    name (e.g. T2) is accepted for it with a note."""
+    if str(channel).isdigit():
+        return int(channel)
+    import nibabel as nib
+    try:
+        shape = nib.load(str(path)).shape
+    except Exception as e:
+        raise data.DataError(f"{path}: cannot read NIfTI ({type(e).__name__}: {e})") from None
+    if len(shape) == 3:
+        log(f"  {path.name}: a 3-D image has a single channel; using it for --channel {channel}")
+        return 0
+    try:
+        return data.find_cases(path.parent.parent, channel, require_labels=False)[0].channel
+    except data.DataError:
+        raise data.DataError(f"{path}: no dataset.json above it names channel {channel!r}; give --channel as an "
+                             f"index, 0 to {shape[3] - 1}") from None
+
+
+def ground_truth_for(gt, name: str):
+    """--gt: a label file (one input), or a folder / data set root in which the case's label is found."""
+    if gt is None:
+        return None
+    import metrics
+    gt = Path(gt)
+    if gt.is_file():
+        return gt
+    return metrics.nifti_files(gt, "gt").get(name)
+
+
+def run(run_dir, inputs, out_dir, channel="0", device=None, save_prob=False, largest_component=False, log=print,
+        overwrite=False, png_dir=None, gt=None, input_arg=None):
+    """Segment every input file into out_dir; returns the written mask paths. Everything is checked before any
+    work: no output inside an input data folder, no existing file replaced unless overwrite."""
     import nibabel as nib
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out_dir = Path(out_dir)
     in_paths = [Path(p).resolve() for p in inputs]
-    for p in in_paths:
-        if out_dir.resolve() == p.parent:
-            raise ValueError(f"output folder {out_dir} is the input folder; choose another")
-    stage1, stage2, targs = load_models(run_dir, device)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written, t0 = [], time.time()
-    for i, path in enumerate(in_paths, 1):
+    protected = protected_folders(in_paths, input_arg)
+    check_output_folder(out_dir, protected)
+    if png_dir is not None:
+        check_output_folder(Path(png_dir), protected, "--png folder")
+    names = []
+    for path in in_paths:
         name = data.case_name(path)
-        name = name[:-5] if name.endswith("_0000") else name
+        names.append(name[:-5] if name.endswith("_0000") else name)
+    targets = [output_path(out_dir, n) for n in names]
+    targets += [output_path(out_dir, n, "_prob") for n in names] if save_prob else []
+    targets += [Path(png_dir) / f"{n}.png" for n in names] if png_dir is not None else []
+    if not overwrite:
+        existing = [t for t in targets if t.exists()]
+        if existing:
+            raise ValueError(f"{existing[0]} exists ({len(existing)} output file(s) would be replaced); pass "
+                             f"--overwrite to replace them, or choose another output folder")
+    stage1, stage2, targs = load_models(run_dir, device)
+    for folder in (out_dir, png_dir):
+        if folder is not None:
+            try:
+                Path(folder).mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ValueError(f"cannot create {folder}: {e.strerror}") from None
+    written, t0 = [], time.time()
+    for i, (path, name) in enumerate(zip(in_paths, names), 1):
         target = output_path(out_dir, name)
-        if target.resolve() in in_paths:
-            raise ValueError(f"{target} is an input file; refusing to overwrite it")
-        case = data.Case(name, path, None, int(channel) if str(channel).isdigit() else 0, "auto")
-        if not str(channel).isdigit():
-            case.channel = data.find_cases(path.parent.parent, channel, require_labels=False)[0].channel
-        prep = data.preprocess(case, need_label=False, log=log)
-        prob, centre = segment(prep, stage1, stage2, device, log, largest_component)
+        label = ground_truth_for(gt, name)
+        case = data.Case(name, path, label, resolve_channel(path, channel, log), "auto")
+        prep = data.preprocess(case, need_label=label is not None, log=log)
+        prob, centre = segment(prep, stage1, stage2, device, log, largest_component,
+                               stage1_antialias=bool(targs.get("stage1_antialias", False)))
         ref = nib.load(str(path))
         mask = data.to_original_grid(prob, prep.meta)
-        save_like(mask, ref, target, np.uint8)
-        if save_prob:
-            save_like(data.to_original_grid(prob, prep.meta, threshold=None), ref,
-                      output_path(out_dir, name, "_prob"), np.float32)
+        try:
+            save_like(mask, ref, target, np.uint8)
+            if save_prob:
+                save_like(data.to_original_grid(prob, prep.meta, threshold=None), ref,
+                          output_path(out_dir, name, "_prob"), np.float32)
+            if png_dir is not None:                                     # Fig. 1 heatmap + Fig. 8 contours
+                write_png(Path(png_dir) / f"{name}.png", overlay_figure(prep.image, prob, prep.label))
+        except OSError as e:
+            raise ValueError(f"cannot write into {out_dir}: {e.strerror}") from None
         written.append(target)
         log(f"[{i}/{len(in_paths)}] {name}: centre {np.round(centre).astype(int).tolist()} (1-mm crop voxels), "
             f"{int(mask.sum())} prostate voxels -> {target} ({time.time() - t0:.0f} s)")
@@ -166,11 +324,20 @@ def main(argv=None):
     p.add_argument("--channel", default="0", help="channel of 4-D inputs, by index or name")
     p.add_argument("--save-prob", action="store_true", help="also write the probability heatmap")
     p.add_argument("--largest-component", action="store_true", help="keep only the largest connected component")
+    p.add_argument("--png", metavar="DIR", help="per case, a PNG of axial slices: contours (Fig. 8) and heatmap (Fig. 1)")
+    p.add_argument("--gt", metavar="FILE_OR_DIR", help="ground truth to draw in the --png pictures (green)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--device", default=None)
     args = p.parse_args(argv)
     try:
-        run(args.run_dir, list_inputs(Path(args.input)), args.output_dir, args.channel,
-            torch.device(args.device) if args.device else None, args.save_prob, args.largest_component)
+        device = torch.device(args.device) if args.device else None
+    except RuntimeError as e:
+        p.error(f"--device {args.device}: {e}")
+    if device is not None and device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA GPU is available here; leave --device out to use the CPU")
+    try:
+        run(args.run_dir, list_inputs(Path(args.input)), args.output_dir, args.channel, device, args.save_prob,
+            args.largest_component, overwrite=args.overwrite, png_dir=args.png, gt=args.gt, input_arg=args.input)
     except (ValueError, FileNotFoundError) as e:      # DataError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -8,7 +8,10 @@ affine. Prints a Table III-style summary (mean +- std and median over cases), wr
 summary JSON beside it, and with --compare adds Table IV-style paired t-test p-values.
 
 All functions take 3-D binary masks (any array; > 0 is foreground) and the voxel spacing in mm, which
-may be anisotropic (the NIfTI header's pixdim). Distances are in mm.
+may be anisotropic. The command reads the spacing from each file's affine (the length of each voxel axis in
+world space), as nibabel, nnU-Net and ITK do, not from the header's pixdim, which some converters leave
+stale. Distances are in mm. Masks are NIfTI (.nii, .nii.gz); PROMISE12's CASE_segmentation files pair with a
+prediction named CASE.
 
 Definitions (Section IV-C):
   Surface      A voxel of the mask with at least one of its 6 face neighbours outside the mask: the mask minus
@@ -31,8 +34,9 @@ Empty masks (defined, and never flattering; a missed prostate must not vanish fr
   both empty   DSC = PPV = SEN = 1, aRVD = 0, all distances 0 (a correct "nothing here").
   one empty    DSC = PPV = SEN = 0; distances are set to the volume's diagonal in mm, the largest distance
                the volume allows, so the case counts as the worst possible in every mean;
-               aRVD = 100 if the prediction is empty, inf if the ground truth is. The summary also counts
-               the cases with an empty prediction.
+               aRVD = 100 if the prediction is empty; undefined (NaN in the CSV, null in the JSON) if the
+               ground truth is, and then left out of aRVD's mean, which says over how many cases it ran.
+               The summary also counts the cases with an empty prediction.
 """
 from __future__ import annotations
 
@@ -79,7 +83,7 @@ def overlap_metrics(pred, gt) -> dict:
     return dict(DSC=2 * tp / (n_seg + n_gt),
                 PPV=tp / n_seg if n_seg else 0.0,
                 SEN=tp / n_gt if n_gt else 0.0,
-                aRVD=abs(n_seg - n_gt) / n_gt * 100 if n_gt else math.inf)
+                aRVD=abs(n_seg - n_gt) / n_gt * 100 if n_gt else math.nan)   # relative to nothing: undefined
 
 
 def _surface(mask):
@@ -190,9 +194,10 @@ def summarize(rows: list[dict]) -> dict:
     out = {"cases": len(rows), "empty_predictions": sum(1 for r in rows if r.get("empty_prediction"))}
     for m in METRICS:
         v = np.array([r[m] for r in rows], dtype=np.float64)
+        v = v[np.isfinite(v)]                       # aRVD is undefined (NaN) where the ground truth is empty
         out[m] = dict(mean=float(v.mean()) if len(v) else math.nan,
                       std=float(v.std(ddof=1)) if len(v) > 1 else 0.0,
-                      median=float(np.median(v)) if len(v) else math.nan)
+                      median=float(np.median(v)) if len(v) else math.nan, n=int(len(v)))
     return out
 
 
@@ -203,7 +208,8 @@ def format_summary(summary: dict, title: str = "") -> str:
     for m in METRICS:
         s = summary[m]
         unit = " mm" if m in ("ASD", "HD95", "HD") else (" %" if m == "aRVD" else "")
-        lines.append(f"{m:<6} {s['mean']:>10.4f} +- {s['std']:<8.4f} {s['median']:>10.4f}{unit}")
+        n = f"   (over {s['n']} cases: undefined for the others)" if s.get("n", summary["cases"]) != summary["cases"] else ""
+        lines.append(f"{m:<6} {s['mean']:>10.4f} +- {s['std']:<8.4f} {s['median']:>10.4f}{unit}{n}")
     return "\n".join(lines)
 
 
@@ -222,25 +228,51 @@ def paired_pvalues(rows_a: list[dict], rows_b: list[dict]) -> dict:
 
 # ---------------------------------------------------------------------------- files
 
+SEGMENTATION_SUFFIX = "_segmentation"          # PROMISE12: Case00.nii.gz (image), Case00_segmentation.nii.gz
+
+
 def case_name(path: Path) -> str:
-    """Decathlon / nnU-Net case name: 'prostate_10.nii.gz' and 'prostate_10_0000.nii.gz' -> 'prostate_10'."""
+    """Case name: 'prostate_10.nii.gz' and 'prostate_10_0000.nii.gz' (Decathlon, nnU-Net) -> 'prostate_10';
+    'Case00_segmentation.nii.gz' (PROMISE12's label) -> 'Case00'."""
     name = path.name
     for ext in (".nii.gz", ".nii"):
         if name.endswith(ext):
             name = name[: -len(ext)]
+    if name.endswith(SEGMENTATION_SUFFIX):
+        return name[: -len(SEGMENTATION_SUFFIX)]
     return name[:-5] if len(name) > 5 and name[-5] == "_" and name[-4:].isdigit() else name
 
 
-def nifti_files(folder: Path) -> dict:
-    if (folder / "labelsTr").is_dir():
-        folder = folder / "labelsTr"
+def mask_folder(folder: Path) -> Path:
+    """A data set root's labelsTr/ (Decathlon, nnU-Net), or the folder itself."""
+    folder = Path(folder)
+    return folder / "labelsTr" if (folder / "labelsTr").is_dir() else folder
+
+
+def nifti_files(folder: Path, role: str = "gt") -> dict:
+    """{case: path} of the masks in a folder. A folder that holds PROMISE12's CASE_segmentation files beside
+    the images gives those as ground truth (role 'gt') and never as predictions (role 'pred')."""
+    folder = mask_folder(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"not a folder: {folder}")
-    files = {case_name(p): p for p in sorted(folder.iterdir())
-             if p.name.endswith((".nii", ".nii.gz")) and not p.name.startswith(".")}
+    paths = [p for p in sorted(folder.iterdir()) if p.name.endswith((".nii", ".nii.gz")) and not p.name.startswith(".")]
+    segs = [p for p in paths if p.name.split(".nii")[0].endswith(SEGMENTATION_SUFFIX)]
+    if role == "gt" and segs:
+        paths = segs
+    elif role == "pred":
+        paths = [p for p in paths if p not in segs]
+    files = {case_name(p): p for p in paths}
     if not files:
-        raise FileNotFoundError(f"no NIfTI files (.nii, .nii.gz) in {folder}")
+        other = sorted({p.suffix for p in folder.iterdir() if p.suffix in (".mhd", ".mha", ".nrrd", ".dcm", ".raw")})
+        hint = f"; found {', '.join(other)} files: convert them to NIfTI first (e.g. SimpleITK)" if other else ""
+        raise FileNotFoundError(f"no NIfTI files (.nii, .nii.gz) in {folder}{hint}")
     return files
+
+
+def spacing_from_affine(affine) -> np.ndarray:
+    """Voxel size in mm along each array axis: the length of each column of the affine's 3x3 part. This is the
+    geometry nibabel, nnU-Net and ITK use; the header's pixdim can disagree with it (stale converters)."""
+    return np.sqrt((np.asarray(affine, float)[:3, :3] ** 2).sum(0))
 
 
 def load_mask(path: Path):
@@ -257,17 +289,12 @@ def load_mask(path: Path):
         raise ValueError(f"{path}: mask must be 3-D, got shape {data.shape}")
     if not np.all(np.isfinite(data)):
         raise ValueError(f"{path}: mask holds NaN or infinite values")
-    return data > 0, img.affine, np.asarray(img.header.get_zooms()[:3], float)
+    return data > 0, img.affine, spacing_from_affine(img.affine)
 
 
 def evaluate_folders(pred_dir, gt_dir, hd95_definition: str = "max", log=print, only=None) -> list[dict]:
     """Score every ground-truth case (or the cases named in `only`) against its prediction."""
-    preds, gts = nifti_files(Path(pred_dir)), nifti_files(Path(gt_dir))
-    if only is not None:
-        gts = {k: v for k, v in gts.items() if k in set(only)}
-    missing = sorted(set(gts) - set(preds))
-    if missing:
-        raise ValueError(f"{pred_dir}: no prediction for case(s) {', '.join(missing)} of {gt_dir}")
+    preds, gts = paired_files(pred_dir, gt_dir, only)
     rows = []
     for i, case in enumerate(sorted(gts), 1):
         p, p_aff, _ = load_mask(preds[case])
@@ -280,6 +307,20 @@ def evaluate_folders(pred_dir, gt_dir, hd95_definition: str = "max", log=print, 
         rows.append(row)
         log(f"[{i}/{len(gts)}] {case}: DSC {row['DSC']:.4f}  ASD {row['ASD']:.3f} mm  HD95 {row['HD95']:.3f} mm")
     return rows
+
+
+def paired_files(pred_dir, gt_dir, only=None):
+    """({case: prediction}, {case: ground truth}) for every ground-truth case (or those in `only`); a clear
+    error if the two folders are one, or if a prediction is missing."""
+    if mask_folder(pred_dir).resolve() == mask_folder(gt_dir).resolve():
+        raise ValueError(f"{pred_dir} is the ground-truth folder itself; give the folder of predictions")
+    preds, gts = nifti_files(Path(pred_dir), "pred"), nifti_files(Path(gt_dir), "gt")
+    if only is not None:
+        gts = {k: v for k, v in gts.items() if k in set(only)}
+    missing = sorted(set(gts) - set(preds))
+    if missing:
+        raise ValueError(f"{pred_dir}: no prediction for case(s) {', '.join(missing)} of {gt_dir}")
+    return preds, gts
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -309,8 +350,29 @@ def write_report(rows: list[dict], csv_path: Path, extra: dict | None = None) ->
     summary = summarize(rows)
     if extra:
         summary.update(extra)
-    atomic_write_text(Path(csv_path).with_suffix(".summary.json"), json.dumps(summary, indent=2))
+    atomic_write_text(Path(csv_path).with_suffix(".summary.json"), json.dumps(json_safe(summary), indent=2,
+                                                                               allow_nan=False))
     return summary
+
+
+def json_safe(obj):
+    """NaN and infinities -> null: strict JSON readers reject them (an undefined aRVD is NaN)."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return None if isinstance(obj, float) and not math.isfinite(obj) else obj
+
+
+def check_report_path(csv_path: Path, input_dirs, overwrite: bool) -> None:
+    """The report never lands inside an input folder and never replaces a file unless --overwrite."""
+    for d in input_dirs:
+        for folder in {Path(d).resolve(), mask_folder(d).resolve()}:
+            if folder == csv_path.resolve().parent or folder in csv_path.resolve().parents:
+                raise ValueError(f"--csv {csv_path} lies inside the input folder {d}; write the report elsewhere")
+    for path in (csv_path, csv_path.with_suffix(".summary.json")):
+        if path.exists() and not overwrite:
+            raise ValueError(f"--csv: {path} exists; pass --overwrite to replace it, or choose another name")
 
 
 def main(argv=None):
@@ -321,10 +383,15 @@ def main(argv=None):
     p.add_argument("--csv", help="per-case CSV to write (a .summary.json is written beside it)")
     p.add_argument("--compare", metavar="OTHER_PRED_DIR", help="paired t-test against another method's predictions")
     p.add_argument("--hd95", choices=HD95_DEFINITIONS, default="max", help="HD95 definition (see module docstring)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --csv and its summary")
     args = p.parse_args(argv)
     try:
-        if args.csv and Path(args.gt_dir).resolve() in Path(args.csv).resolve().parents:
-            raise ValueError(f"refusing to write {args.csv} inside the ground-truth folder")
+        if args.csv:
+            check_report_path(Path(args.csv), [args.pred_dir, args.gt_dir] + ([args.compare] if args.compare else []),
+                              args.overwrite)
+        paired_files(args.pred_dir, args.gt_dir)                  # every folder checked before any work
+        if args.compare:
+            paired_files(args.compare, args.gt_dir)
         rows = evaluate_folders(args.pred_dir, args.gt_dir, args.hd95)
         summary = summarize(rows)
         print(format_summary(summary, f"\n{args.pred_dir} vs {args.gt_dir}"))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import os
@@ -53,6 +54,37 @@ PRESETS = {
                      epochs1=10, epochs2=6, phantom_cases=20),
 }
 
+# Additions where the paper is silent, for training on a handful of scans (README, "Where the paper is
+# silent", with their measured effect). These are the paper's values: what `--preset paper` and `--paper-strict`
+# (any preset) use. The small-data presets switch on what measurably helps there (SMALL_DATA).
+PAPER_STRICT = dict(stage1_antialias=False,   # Section III-A as printed: trilinear at integer positions
+                    stage1_loss="ce",         # Eq. 3 in Stage 1 too
+                    augment=False)            # Section IV-D: no data augmentation
+SMALL_DATA = dict(stage1_antialias=True, stage1_loss="dice_ce", augment=True)
+for _name in ("cpu", "ablation"):
+    PRESETS[_name].update(SMALL_DATA)
+PRESETS["paper"].update(PAPER_STRICT)
+
+
+def positive(kind):
+    """argparse type: a number > 0 (a zero or negative batch, width, epoch count ... is a user error)."""
+    def check(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not v > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return v
+    return check
+
+
+def non_negative_int(text):
+    v = int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return v
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -74,17 +106,28 @@ def parse_args(argv=None):
     p.add_argument("--stage1-from", help="with --stage 2: copy Stage 1 from this run folder (the ablation shares one "
                                          "Stage 1 between Table II rows, as the paper's ablation varies Stage 2 only)")
     # architecture / batch (defaults from the preset)
-    p.add_argument("--width", type=float, help="Stage-2 width multiplier (1.0 = Table I)")
-    p.add_argument("--stage1-filters", type=int, help="Stage-1 filters (Section III-A: 32)")
-    p.add_argument("--batch", type=int, help="patches per batch per process (Section IV-B: 30)")
-    p.add_argument("--patches", type=int, help="Stage-2 patches per image per epoch (Section IV-B: 500)")
-    p.add_argument("--stage1-patches", type=int, help="Stage-1 patches per image per epoch")
-    p.add_argument("--epochs1", type=int)
-    p.add_argument("--epochs2", type=int)
-    p.add_argument("--phantom-cases", type=int)
+    p.add_argument("--width", type=positive(float), help="Stage-2 width multiplier (1.0 = Table I)")
+    p.add_argument("--stage1-filters", type=positive(int), help="Stage-1 filters (Section III-A: 32)")
+    p.add_argument("--batch", type=positive(int), help="patches per batch per process (Section IV-B: 30)")
+    p.add_argument("--patches", type=positive(int), help="Stage-2 patches per image per epoch (Section IV-B: 500)")
+    p.add_argument("--stage1-patches", type=positive(int), help="Stage-1 patches per image per epoch")
+    p.add_argument("--epochs1", type=positive(int))
+    p.add_argument("--epochs2", type=positive(int))
+    p.add_argument("--phantom-cases", type=positive(int))
     p.add_argument("--fg-fraction", type=float, default=1 / 3, help="share of patches centred on the prostate")
+    p.add_argument("--split", default="70/10/20", choices=["70/10/20", "all"],
+                   help="'all': train on every case of --data, no validation or test (the last epoch is kept), "
+                        "for the model you deploy with infer.py")
+    # additions where the paper is silent (defaults from the preset; --paper-strict turns them all off)
+    p.add_argument("--stage1-antialias", action=argparse.BooleanOptionalAction,
+                   help="Gaussian low-pass before the 1/4 down-sampling (data.stage1_volume)")
+    p.add_argument("--stage1-loss", choices=["ce", "dice_ce"], help="Stage-1 loss: Eq. 3, or Eq. 3 + soft Dice")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction,
+                   help="on-the-fly patch augmentation in both stages (data.AUGMENT)")
+    p.add_argument("--paper-strict", action="store_true",
+                   help="the paper as printed: every addition where the paper is silent off, in any preset")
     # optimisation (Section IV-B) and the metric module (Section III-B, Eq. 1-4)
-    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--lr", type=positive(float), default=0.01)
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=0.0)
     for name, v in M.PAPER_DEFAULTS.items():
@@ -93,14 +136,21 @@ def parse_args(argv=None):
     # running
     p.add_argument("--resume", action="store_true", help="continue from the run folder's *_last.pt checkpoints")
     p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (CPU stays float32)")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers per process")
+    p.add_argument("--workers", type=non_negative_int, default=2, help="DataLoader workers per process")
     p.add_argument("--log-every", type=int, default=20, help="steps between console progress lines")
     p.add_argument("--no-test", action="store_true", help="skip inference and metrics on the test split")
     p.add_argument("--halt-after-epoch", type=int, help=argparse.SUPPRESS)   # tests: simulate a crash
     args = p.parse_args(argv)
+    if args.paper_strict:
+        for k, v in PAPER_STRICT.items():
+            if getattr(args, k) not in (None, v):
+                p.error(f"--paper-strict turns --{k.replace('_', '-')} off; pass one or the other")
+            setattr(args, k, v)
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.split == "all" and args.folds:
+        p.error("--split all and --folds exclude each other")
     try:
         args.config = M.get_config(args.config).name
     except ValueError as e:
@@ -131,6 +181,21 @@ def load_checkpoint(path: Path, device="cpu"):
     return torch.load(path, map_location=device, weights_only=True)
 
 
+class EpochIndexSampler(torch.utils.data.Sampler):
+    """The DistributedSampler's indices plus epoch * len(dataset): PatchDataset reads such an index as the same
+    patch with that epoch's augmentation. The epoch travels inside the index, so persistent DataLoader
+    workers (which hold their own copy of the dataset) need no shared state, and a resumed run draws alike."""
+
+    def __init__(self, sampler: DistributedSampler, n: int):
+        self.sampler, self.n = sampler, n
+
+    def __iter__(self):
+        return (self.sampler.epoch * self.n + i for i in self.sampler)
+
+    def __len__(self):
+        return len(self.sampler)
+
+
 class CsvLog:
     """Append-only CSV of per-step losses and per-epoch validation (Fig. 7's curves); master process only."""
     FIELDS = ["stage", "epoch", "step", "lr", "loss", "ce", "random", "hard", "contour", "val_dsc", "val_centre_mm",
@@ -141,6 +206,20 @@ class CsvLog:
         if not (resume and path.exists()):
             with open(path, "w", newline="") as f:
                 csv.writer(f).writerow(self.FIELDS)
+
+    def truncate_after(self, stage: int, step: int) -> None:
+        """At the start of a stage: drop that stage's rows logged after its last checkpoint (`step`; 0 when it
+        starts afresh), so the steps between a checkpoint and a kill are not in the log twice after --resume
+        (Fig. 7's curves and the training time read this log)."""
+        with open(self.path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        keep = [r for r in rows if int(r["stage"]) != stage or int(r["step"]) <= step]
+        if len(keep) != len(rows):
+            buf = io.StringIO()
+            w = csv.DictWriter(buf, self.FIELDS)
+            w.writeheader()
+            w.writerows(keep)
+            metrics.atomic_write_text(self.path, buf.getvalue())
 
     def write(self, rows):
         with open(self.path, "a", newline="") as f:
@@ -186,6 +265,17 @@ def validate_stage2(model, crops, device, amp):
 
 # ---------------------------------------------------------------------------------------------- training
 
+def step_loss(stage, logits, feats, labels, cfg, args, generator):
+    """The training loss of one step: Eq. 4 for Stage 2 (Eq. 3 for the UNet rows and for Stage 1), plus, with
+    --stage1-loss dice_ce, a soft Dice term in Stage 1 (paper is silent on Stage 1's loss)."""
+    loss, parts = M.total_loss(logits.float(), feats, labels, cfg, k=args.k, m=args.m, sigma=args.sigma,
+                               eps=args.eps, beta=args.beta, lam=args.lam, tau=args.tau,
+                               normalize=not args.no_normalize, generator=generator)
+    if stage == 1 and args.stage1_loss == "dice_ce":
+        loss = loss + M.soft_dice_loss(logits, labels)
+    return loss, parts
+
+
 def train_stage(stage, model, train_set, val_fn, args, ctx, log: CsvLog | None):
     """One stage: SGD with poly decay (Section IV-B), Eq. 3 (Stage 1) or Eq. 4 (Stage 2), a checkpoint
     every epoch (resumable) and the best by validation DSC kept apart."""
@@ -198,7 +288,8 @@ def train_stage(stage, model, train_set, val_fn, args, ctx, log: CsvLog | None):
     opt = torch.optim.SGD(raw_model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     sampler = DistributedSampler(train_set, num_replicas=ctx["world"], rank=ctx["rank"], shuffle=True,
                                  seed=args.seed, drop_last=True)
-    loader = DataLoader(train_set, batch_size=args.batch, sampler=sampler, num_workers=args.workers,
+    loader = DataLoader(train_set, batch_size=args.batch, num_workers=args.workers,
+                        sampler=EpochIndexSampler(sampler, len(train_set)) if train_set.augment else sampler,
                         drop_last=True, pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
     epochs = args.epochs1 if stage == 1 else args.epochs2
     steps_per_epoch = len(loader)
@@ -216,6 +307,8 @@ def train_stage(stage, model, train_set, val_fn, args, ctx, log: CsvLog | None):
         start_epoch, best = ck["epoch"] + 1, ck["best_val"]
         if master:
             print(f"stage {stage}: resumed after epoch {ck['epoch'] + 1}/{epochs} from {last}")
+    if master:
+        log.truncate_after(stage, start_epoch * steps_per_epoch)
     t0, step = time.time(), start_epoch * steps_per_epoch
     for epoch in range(start_epoch, epochs):
         sampler.set_epoch(epoch)
@@ -228,9 +321,7 @@ def train_stage(stage, model, train_set, val_fn, args, ctx, log: CsvLog | None):
                 group["lr"] = lr
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda"):
                 logits, feats = model(x, detach_head_input=cfg.separate)
-            loss, parts = M.total_loss(logits.float(), feats, y, cfg, k=args.k, m=args.m, sigma=args.sigma,
-                                       eps=args.eps, beta=args.beta, lam=args.lam, tau=args.tau,
-                                       normalize=not args.no_normalize, generator=gen)
+            loss, parts = step_loss(stage, logits, feats, y, cfg, args, gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -263,6 +354,26 @@ def train_stage(stage, model, train_set, val_fn, args, ctx, log: CsvLog | None):
         if args.halt_after_epoch is not None and epoch + 1 == args.halt_after_epoch:
             os._exit(3)                                                # simulated crash (tests only)
     return raw_model
+
+
+# what a resumed run must share with the run it continues: the networks' shapes and the data they train on
+RESUME_MUST_MATCH = ("config", "width", "stage1_filters", "data", "channel", "split", "split_seed", "folds", "fold")
+
+
+def check_resume(run: Path, args) -> None:
+    """--resume: the run's checkpoints must load and must have been trained with the same architecture and data;
+    a mismatch is a one-line error that changes nothing in the run folder."""
+    for path in sorted(run.glob("stage*_last.pt")):
+        try:
+            old = load_checkpoint(path)["args"]
+        except Exception as e:
+            sys.exit(f"error: --resume: {path} is not a valid or trusted checkpoint ({type(e).__name__}); "
+                     f"delete it to restart that stage, or choose another --out")
+        diff = [f"--{k.replace('_', '-')} {old.get(k)} (now {getattr(args, k)})" for k in RESUME_MUST_MATCH
+                if old.get(k) != getattr(args, k) and not (k == "config" and path.name.startswith("stage1"))]
+        if diff:
+            sys.exit(f"error: --resume: {run} was trained with {', '.join(diff)}; resume with the same flags "
+                     f"or start a new --out")
 
 
 def copy_stage1(src: Path, run: Path, dataset: dict):
@@ -339,10 +450,13 @@ def prepare_data(args, ctx):
     if ctx["ddp"]:
         dist.barrier()
     cases = data.find_cases(root, args.channel)
-    train_names, val_names, test_names = data.split_cases([c.name for c in cases], args.split_seed,
-                                                          fold=args.fold if args.folds else None, folds=args.folds)
+    if args.split == "all":                            # the model to deploy: every case trains
+        train_names, val_names, test_names = sorted(c.name for c in cases), [], []
+    else:
+        train_names, val_names, test_names = data.split_cases([c.name for c in cases], args.split_seed,
+                                                              fold=args.fold if args.folds else None, folds=args.folds)
     if ctx["master"]:
-        how = f"fold {args.fold} of {args.folds}" if args.folds else "70/10/20"
+        how = f"fold {args.fold} of {args.folds}" if args.folds else args.split
         print(f"data {root}: {len(cases)} cases, split {how} train {len(train_names)} / val {len(val_names)} / "
               f"test {len(test_names)} (split seed {args.split_seed})")
         data.prepare_cases(cases, args.cache)
@@ -364,11 +478,18 @@ def main(argv=None):
     for what, path in (("run folder --out", args.out), ("cache --cache", args.cache)):   # inputs stay untouched
         if args.data and Path(args.data).resolve() in (Path(path).resolve(), *Path(path).resolve().parents):
             sys.exit(f"error: the {what} {path} lies inside the input data folder {args.data}; choose another")
+        if Path(path).exists() and not Path(path).is_dir():
+            sys.exit(f"error: the {what} {path} is a file; give a folder")
     if master:
-        run.mkdir(parents=True, exist_ok=True)
-        if not args.resume and any(run.glob("stage*_last.pt")):
-            sys.exit(f"{run} already holds a run; use --resume to continue it or --out for a new folder")
-        (run / "args.json").write_text(json.dumps(vars(args), indent=2))
+        try:
+            run.mkdir(parents=True, exist_ok=True)
+            if not args.resume and any(run.glob("stage*_last.pt")):
+                sys.exit(f"error: {run} already holds a run; use --resume to continue it or --out for a new folder")
+            if args.resume:
+                check_resume(run, args)                      # before args.json is rewritten
+            metrics.atomic_write_text(run / "args.json", json.dumps(vars(args), indent=2))
+        except OSError as e:
+            sys.exit(f"error: cannot write the run folder {run}: {e.strerror}; choose a writable --out")
         what = "Stage 1 (light UNet)" if args.stage == "1" else row_name(args.config)
         print(f"{what}, preset {args.preset}, {ctx['world']} process(es) on {device}, run {run}")
     try:
@@ -379,10 +500,10 @@ def main(argv=None):
     t_start = time.time()
 
     if args.stage in ("1", "both"):
-        pairs = {n: data.stage1_pair(preps[n]) for n in tr + va}
+        pairs = {n: data.stage1_pair(preps[n], antialias=args.stage1_antialias) for n in tr + va}
         train_set = data.PatchDataset([pairs[n][0] for n in tr], [pairs[n][1] for n in tr], patch=64, n_slices=5,
                                       patches_per_image=args.stage1_patches, fg_fraction=args.fg_fraction,
-                                      seed=args.seed)
+                                      seed=args.seed, augment=args.augment)
         torch.manual_seed(args.seed)                   # identical initial weights on every rank
         model = M.LightUNet(in_channels=5, filters=args.stage1_filters).to(device)
         train_stage(1, model, train_set, lambda m: validate_stage1(m, [pairs[n] for n in va], device, args.amp),
@@ -396,7 +517,8 @@ def main(argv=None):
             c = data.label_centre(preps[n].label)
             crops[n] = (data.crop_around(preps[n].image, c)[0], data.crop_around(preps[n].label, c)[0])
         train_set = data.PatchDataset([crops[n][0] for n in tr], [crops[n][1] for n in tr], patch=64, n_slices=3,
-                                      patches_per_image=args.patches, fg_fraction=args.fg_fraction, seed=args.seed)
+                                      patches_per_image=args.patches, fg_fraction=args.fg_fraction, seed=args.seed,
+                                      augment=args.augment)
         torch.manual_seed(args.seed)
         model = M.build_model(args.config, in_channels=3, width=args.width).to(device)
         if master:
@@ -410,7 +532,8 @@ def main(argv=None):
         import infer
         pred_dir = run / "predictions"
         test_cases = [c for c in cases if c.name in te]
-        infer.run(run, [c.image for c in test_cases], pred_dir, channel=args.channel, device=device)
+        infer.run(run, [c.image for c in test_cases], pred_dir, channel=args.channel, device=device,
+                  overwrite=True)                   # its own run folder: a resumed run scores again
         rows = metrics.evaluate_folders(pred_dir, Path(test_cases[0].label).parent, only=te)
         summary = metrics.write_report(rows, run / "test_metrics.csv", extra={"config": args.config,
                                                                               "preset": args.preset})
@@ -588,7 +711,6 @@ def convergence_rows(log_csv: Path, label, seed, fold):
 
 
 def write_csv(path: Path, rows: list[dict]):
-    import io
     buf = io.StringIO()
     w = csv.DictWriter(buf, list(rows[0]))
     w.writeheader()

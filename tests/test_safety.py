@@ -1,0 +1,272 @@
+"""Nothing lost, nothing silent (issue 11): every write refuses to replace a file or to land in an input data
+folder unless asked, geometry comes from the affine, and every user error is one line, not a traceback.
+Each test reproduces one reported fault; most use tiny hand-made NIfTI files, so no training is needed."""
+import csv
+import json
+import math
+import warnings
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import bench
+import data
+import infer
+import metrics
+import train
+
+
+def save(path, arr, aff=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.asarray(arr), np.diag([1.0, 1.0, 1.0, 1.0]) if aff is None else aff), str(path))
+
+
+def box_mask(shape=(20, 20, 10), lo=(5, 6, 2), hi=(14, 15, 8)):
+    m = np.zeros(shape, np.uint8)
+    m[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = 1
+    return m
+
+
+@pytest.fixture
+def decathlon(tmp_path):
+    """A Decathlon-layout data set of two cases: images, labels and dataset.json."""
+    root = tmp_path / "Task"
+    for c in ("a", "b"):
+        save(root / "imagesTr" / f"{c}.nii.gz", (box_mask() * 100).astype(np.int16))
+        save(root / "labelsTr" / f"{c}.nii.gz", box_mask())
+    (root / "dataset.json").write_text(json.dumps({"modality": {"0": "T2"}}))
+    return root
+
+
+def snapshot(folder):
+    return {p: p.read_bytes() for p in Path(folder).rglob("*") if p.is_file()}
+
+
+# ------------------------------------------------------------------ data loss (items 1-3)
+
+def test_infer_never_writes_into_the_data_sets_label_folder(decathlon, tmp_path, capsys):      # item 1
+    before = snapshot(decathlon)
+    assert infer.main([str(tmp_path / "no-run"), str(decathlon), str(decathlon / "labelsTr")]) == 2
+    err = capsys.readouterr().err
+    assert "input folder" in err and "Traceback" not in err
+    assert snapshot(decathlon) == before
+
+
+def test_infer_refuses_to_replace_an_existing_prediction(decathlon, tmp_path, capsys):        # item 2
+    out = tmp_path / "out"
+    save(out / "a.nii.gz", box_mask())
+    kept = (out / "a.nii.gz").read_bytes()
+    assert infer.main([str(tmp_path / "no-run"), str(decathlon), str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "a.nii.gz").read_bytes() == kept
+
+
+def test_metrics_csv_never_replaces_a_prediction_or_a_report(tmp_path, capsys):               # item 3
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    save(gt / "case_0.nii.gz", box_mask())
+    save(pred / "case_0.nii.gz", box_mask())
+    kept = (pred / "case_0.nii.gz").read_bytes()
+    assert metrics.main([str(pred), str(gt), "--csv", str(pred / "case_0.nii.gz")]) == 2
+    assert "input folder" in capsys.readouterr().err
+    assert (pred / "case_0.nii.gz").read_bytes() == kept
+    report = tmp_path / "r.csv"
+    report.write_text("mine")
+    assert metrics.main([str(pred), str(gt), "--csv", str(report)]) == 2
+    assert "--overwrite" in capsys.readouterr().err and report.read_text() == "mine"
+    assert metrics.main([str(pred), str(gt), "--csv", str(report), "--overwrite"]) == 0
+    assert report.read_text().startswith("case,")
+
+
+# ------------------------------------------------------------------ silent wrong results (items 4-8)
+
+def stale_pixdim_file(path, arr, aff):
+    """A NIfTI whose affine says `aff` while its header's pixdim says 1 x 1 x 1 mm (as some converters write)."""
+    hdr = nib.Nifti1Image(arr, aff).header.copy()
+    hdr["pixdim"][1:4] = 1.0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(arr, None, header=hdr), str(path))
+    assert nib.load(str(path)).header.get_zooms()[:3] == (1.0, 1.0, 1.0)
+
+
+def test_spacing_comes_from_the_affine_not_pixdim(tmp_path):                                  # item 4
+    aff = np.diag([1.21, 1.21, 2.0, 1.0])
+    stale_pixdim_file(tmp_path / "img.nii.gz", (box_mask() * 100).astype(np.int16), aff)
+    stale_pixdim_file(tmp_path / "lab.nii.gz", box_mask(), aff)
+    _, _, geo = data.load_case(data.Case("c", tmp_path / "img.nii.gz", tmp_path / "lab.nii.gz"))
+    assert np.allclose(geo.spacing, (1.21, 1.21, 2.0), atol=1e-5)
+    _, _, spacing = metrics.load_mask(tmp_path / "lab.nii.gz")
+    assert np.allclose(spacing, (1.21, 1.21, 2.0), atol=1e-5)
+    # a rotated affine: the voxel size is the length of each column, here 0.8, 0.8 and 3 mm
+    c, s = math.cos(0.5), math.sin(0.5)
+    rot = np.array([[0.8 * c, -0.8 * s, 0, 0], [0.8 * s, 0.8 * c, 0, 0], [0, 0, 3.0, 0], [0, 0, 0, 1]])
+    assert np.allclose(metrics.spacing_from_affine(rot), (0.8, 0.8, 3.0))
+
+
+def test_metrics_refuses_the_ground_truth_as_prediction(decathlon, capsys):                   # item 5
+    assert metrics.main([str(decathlon / "labelsTr"), str(decathlon)]) == 2
+    assert "ground-truth folder itself" in capsys.readouterr().err
+
+
+def test_empty_ground_truth_gives_strict_json_and_no_warning(tmp_path):                      # item 6
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    save(gt / "a.nii.gz", box_mask())
+    save(gt / "b.nii.gz", np.zeros((20, 20, 10), np.uint8))            # empty ground truth
+    save(pred / "a.nii.gz", box_mask())
+    save(pred / "b.nii.gz", box_mask())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                  # a numpy RuntimeWarning fails the test
+        assert metrics.main([str(pred), str(gt), "--csv", str(tmp_path / "r.csv")]) == 0
+    text = (tmp_path / "r.summary.json").read_text()
+    s = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert s["aRVD"]["mean"] == 0.0 and s["aRVD"]["n"] == 1 and s["DSC"]["n"] == 2
+
+
+def test_resume_keeps_each_logged_step_once(tmp_path):                                       # item 7
+    log = train.CsvLog(tmp_path / "log.csv", resume=False)
+    log.write([dict(stage=1, epoch=1, step=s, loss=0.1) for s in (1, 2)] + [dict(stage=1, epoch=1, step=2, val_dsc=0.5)])
+    log.write([dict(stage=2, epoch=1, step=s, loss=0.2) for s in range(1, 6)])   # steps 4-5: after the checkpoint
+    again = train.CsvLog(tmp_path / "log.csv", resume=True)
+    again.truncate_after(2, 3)                                          # the checkpoint was at step 3
+    rows = list(csv.DictReader(open(tmp_path / "log.csv")))
+    assert [(r["stage"], r["step"]) for r in rows] == [("1", "1"), ("1", "2"), ("1", "2"), ("2", "1"), ("2", "2"),
+                                                       ("2", "3")]
+
+
+def test_one_message_when_no_centre_is_found():                                              # item 8
+    said = []
+    c = infer.prostate_centre(None, None, (10, 20, 30), log=said.append, name="x")
+    assert np.allclose(c, (4.5, 9.5, 14.5)) and len(said) == 1
+    import inspect
+    assert "falling back" not in inspect.getsource(data.preprocess)
+
+
+# ------------------------------------------------------------------ one line, not a traceback (items 9-12)
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("this ran",))
+
+
+@pytest.mark.parametrize("kind", ["truncated", "garbage", "code"])
+def test_bad_checkpoint_is_one_line_and_never_runs_code(decathlon, tmp_path, capsys, kind):    # item 9
+    run = tmp_path / "run"
+    run.mkdir()
+    for stage in (1, 2):
+        path = run / f"stage{stage}_best.pt"
+        if kind == "code":
+            torch.save({"args": Payload()}, path)
+        else:
+            torch.save({"model": {"w": torch.zeros(3)}, "args": {}}, path)
+            b = path.read_bytes()
+            path.write_bytes(b[: len(b) // 2] if kind == "truncated" else b"\x00garbage" * 20)
+    assert infer.main([str(run), str(decathlon / "imagesTr" / "a.nii.gz"), str(tmp_path / "out")]) == 2
+    out = capsys.readouterr()
+    assert "not a valid or trusted train.py checkpoint" in out.err and "weights_only=False" not in out.err
+    assert "this ran" not in out.out and "Traceback" not in out.err
+
+
+def test_resume_with_another_width_changes_nothing(tmp_path):                                # item 10
+    run = tmp_path / "run"
+    run.mkdir()
+    old = vars(train.parse_args(["--preset", "cpu", "--width", "0.125", "--out", str(run)]))
+    torch.save({"args": old}, run / "stage2_last.pt")
+    (run / "args.json").write_text(json.dumps(old))
+    with pytest.raises(SystemExit) as e:
+        train.main(["--preset", "cpu", "--width", "0.25", "--out", str(run), "--resume"])
+    assert "--width 0.125 (now 0.25)" in str(e.value)
+    assert json.loads((run / "args.json").read_text())["width"] == 0.125
+
+
+@pytest.mark.parametrize("argv", [["--batch", "0"], ["--batch", "-3"], ["--width", "0"], ["--epochs2", "-1"],
+                                  ["--workers", "-1"]])
+def test_train_rejects_non_positive_numbers(argv, capsys):                                   # item 11
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(argv)
+    assert e.value.code == 2 and "must be" in capsys.readouterr().err
+
+
+def test_train_refuses_a_file_as_out_or_cache(tmp_path):                                     # item 11
+    f = tmp_path / "file"
+    f.write_text("x")
+    for flag in ("--out", "--cache"):
+        with pytest.raises(SystemExit) as e:
+            train.main(["--preset", "cpu", flag, str(f)] + (["--out", str(tmp_path / "r")] if flag == "--cache" else []))
+        assert "is a file" in str(e.value)
+    assert f.read_text() == "x"
+
+
+def test_train_unwritable_run_folder_is_one_line(tmp_path, monkeypatch):                     # item 11
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(metrics, "atomic_write_text", refuse)            # as a read-only folder would (we run as root)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--preset", "cpu", "--out", str(tmp_path / "r")])
+    assert "cannot write the run folder" in str(e.value) and "Permission denied" in str(e.value)
+
+
+def test_cli_argument_errors_exit_cleanly(tmp_path, capsys):                                  # item 11
+    for argv in (["model", "--repeats", "0"], ["model", "--width", "0"], ["model", "--config", "XYZ"]):
+        with pytest.raises(SystemExit) as e:
+            bench.main(argv)
+        assert e.value.code == 2
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as e:
+            infer.main([str(tmp_path), str(tmp_path), str(tmp_path / "o"), "--device", "cuda"])
+        assert e.value.code == 2 and "no CUDA GPU" in capsys.readouterr().err
+    f = tmp_path / "afile"
+    f.write_text("x")
+    assert data.main(["phantom", str(f)]) == 2 and f.read_text() == "x"
+
+
+@pytest.mark.parametrize("n", ["0", "-3"])
+def test_phantom_needs_at_least_one_case(tmp_path, n, capsys):                               # item 12
+    assert data.main(["phantom", str(tmp_path / "ph"), "--cases", n]) == 2
+    assert "--cases" in capsys.readouterr().err and not (tmp_path / "ph").exists()
+
+
+# ------------------------------------------------------------------ real data sets (items 13-16)
+
+def test_promise12_naming(tmp_path):                                                           # item 13
+    folder = tmp_path / "promise"
+    save(folder / "Case00.nii.gz", (box_mask() * 100).astype(np.int16))
+    save(folder / "Case00_segmentation.nii.gz", box_mask())
+    assert infer.list_inputs(folder) == [folder / "Case00.nii.gz"]           # the label is not segmented
+    assert metrics.nifti_files(folder, "gt") == {"Case00": folder / "Case00_segmentation.nii.gz"}
+    pred = tmp_path / "pred"
+    save(pred / "Case00.nii.gz", box_mask())
+    rows = metrics.evaluate_folders(pred, folder, log=lambda *_: None)
+    assert rows[0]["case"] == "Case00" and rows[0]["DSC"] == 1.0
+    mhd = tmp_path / "mhd"
+    mhd.mkdir()
+    (mhd / "Case00.mhd").write_text("ObjectType = Image")
+    with pytest.raises(FileNotFoundError, match="NIfTI only"):
+        infer.list_inputs(mhd)
+
+
+def test_named_channel_on_a_3d_file_outside_a_data_set(tmp_path):                           # item 14
+    save(tmp_path / "t2.nii.gz", (box_mask() * 100).astype(np.int16))
+    said = []
+    assert infer.resolve_channel(tmp_path / "t2.nii.gz", "T2", log=said.append) == 0
+    assert "single channel" in said[0]
+
+
+def test_compare_checks_every_folder_before_any_work(tmp_path, capsys):                       # item 15
+    gt, p1, p2 = tmp_path / "gt", tmp_path / "p1", tmp_path / "p2"
+    for c in ("a", "b"):
+        save(gt / f"{c}.nii.gz", box_mask())
+        save(p1 / f"{c}.nii.gz", box_mask())
+    save(p2 / "a.nii.gz", box_mask())                                     # p2 lacks case b
+    assert metrics.main([str(p1), str(gt), "--compare", str(p2), "--csv", str(tmp_path / "r.csv")]) == 2
+    out = capsys.readouterr()
+    assert "no prediction for case(s) b" in out.err and "DSC" not in out.out
+    assert not (tmp_path / "r.csv").exists()
+
+
+def test_coarse_slices_are_warned_about(tmp_path, capsys):                                     # item 16
+    save(tmp_path / "img.nii.gz", (box_mask() * 100).astype(np.int16), np.diag([0.8, 0.8, 50.0, 1.0]))
+    data.load_case(data.Case("c", tmp_path / "img.nii.gz", None), need_label=False)
+    err = capsys.readouterr().err
+    assert "warning" in err and "50.0" in err and "6 mm" in err
