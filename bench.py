@@ -4,6 +4,7 @@ repeated and interleaved, and prints medians and their ratio. Not a test; nothin
     python bench.py model            # SGD step of UNet vs MetricUNet-HCP, Table I width, batch 30x3x64x64
     python bench.py metrics          # metrics.evaluate (union-box crop) vs the same metrics on the whole volume
     python bench.py loader           # Stage-2 patches/s the loader delivers vs what a training step consumes
+    python bench.py step             # cpu-preset Stage-2 step with its loader: paper patches vs small-data additions
     python bench.py infer            # one phantom case through Stage 1 + Stage 2 (paper width and CPU preset)
     python bench.py all
 Add --device cuda on a GPU machine.
@@ -146,6 +147,53 @@ def bench_loader(args, device):
         print(f"  training step, width {width}: {args.batch / t:9.0f} patches/s consumed")
 
 
+def bench_step(args, device):
+    """A Stage-2 training step at the cpu preset (width 0.25, batch 16, MetricUNet-HCP), data loader included
+    (2 workers, as train.py): the paper's patches against the small-data additions (--augment spatial,
+    --hard-negatives), interleaved in rounds so that drift hits both alike. On 2 CPU cores the loader's
+    workers share the cores with the step, so this is what a user's epoch costs."""
+    import numpy as np
+    from torch.utils.data import DataLoader
+    import data
+    import metricunet as M
+    rng = np.random.default_rng(0)
+    vols = [rng.integers(0, 255, (128, 128, 128), dtype=np.uint8) for _ in range(4)]
+    labs = [np.zeros((128, 128, 128), np.uint8) for _ in range(4)]
+    for lab in labs:
+        lab[44:84, 50:80, 46:81] = 1
+    cfg = M.get_config("HCP")
+    variants = {"paper (no additions)": ("off", False), "small-data additions": ("spatial", True)}
+    runs = {}
+    for name, (augment, hard_neg) in variants.items():
+        ds = data.PatchDataset(vols, labs, patch=64, n_slices=3, patches_per_image=2000, augment=augment)
+        loader = iter(DataLoader(ds, batch_size=16, shuffle=True, num_workers=2, persistent_workers=True))
+        torch.manual_seed(0)
+        model = M.build_model(cfg, width=0.25).to(device)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        gen = torch.Generator(device=device).manual_seed(0)
+
+        def step(loader=loader, model=model, opt=opt, gen=gen, hard_neg=hard_neg):
+            x, y = next(loader)
+            logits, feats = model(x.to(device))
+            loss, _ = M.total_loss(logits, feats, y.to(device), cfg, generator=gen, hard_negatives=hard_neg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        runs[name] = step
+    times = {name: [] for name in runs}
+    for name, fn in runs.items():                          # warm-up: workers started, first batches made
+        for _ in range(3):
+            timed(fn, device)
+    for _ in range(args.repeats):
+        for name, fn in runs.items():
+            times[name].append(sum(timed(fn, device) for _ in range(5)) / 5)
+    med = {name: statistics.median(t) for name, t in times.items()}
+    for name in runs:
+        print(f"  {name:>22}: median {med[name] * 1000:8.1f} ms/step over {len(times[name])} rounds of 5 steps")
+    a, b = med["paper (no additions)"], med["small-data additions"]
+    print(f"  additions cost {100 * (b / a - 1):+.1f} % per step (target: at most +5 %)")
+
+
 def bench_infer(args, device):
     """One phantom case through infer.segment, per stage (untrained weights: timing only)."""
     import tempfile
@@ -170,7 +218,7 @@ def bench_infer(args, device):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", nargs="?", default="all", choices=["model", "metrics", "loader", "infer", "all"])
+    p.add_argument("what", nargs="?", default="all", choices=["model", "metrics", "loader", "step", "infer", "all"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--batch", type=int, default=30)
@@ -189,7 +237,8 @@ def main(argv=None):
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: no CUDA GPU is available here")
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")
-    entries = {"model": bench_model, "metrics": bench_metrics, "loader": bench_loader, "infer": bench_infer}
+    entries = {"model": bench_model, "metrics": bench_metrics, "loader": bench_loader, "step": bench_step,
+               "infer": bench_infer}
     for name, fn in entries.items():
         if args.what in (name, "all"):
             print(f"[{name}]")

@@ -461,8 +461,11 @@ def crop_around(volume: np.ndarray, centre, size: int = CROP_SIZE, fill: int = 0
 # Paper is silent on augmentation for MetricUNet itself, and its ablation trains without it on purpose
 # (Section IV-D: "we avoid using many complicated techniques ... e.g., data augmentation"), so `--preset paper`
 # and `--paper-strict` never augment. With a handful of scans it is what keeps a network from memorising them
-# (`--augment`, on in the small-data presets). Ranges are nnU-Net's, narrowed where 2.5D patches of a
-# resampled, body-cropped CT need less: the patient lies on the table the same way up.
+# (`--augment spatial`, the small-data presets). Ranges are nnU-Net's, narrowed where 2.5D patches of a
+# resampled, body-cropped CT need less: the patient lies on the table the same way up. The intensity part
+# (`--augment all`) is for uncalibrated images (MRI): on CT, whose Hounsfield units are calibrated, a
+# +-0.05 brightness shift is the whole prostate-muscle contrast (20 HU = 0.05 of the [0, 1] window), and on the
+# phantom it cost validation DSC (0.33 vs 0.84 after 4 epochs, cpu preset).
 AUGMENT = dict(
     flip=0.5,                     # left-right mirror (RAS axis 0); the pelvis is near-symmetric, the label too
     rotate_deg=15.0,              # in-plane rotation, uniform in +-15 degrees
@@ -496,16 +499,19 @@ def patch_coordinates(centre_xy, size: int, angle: float = 0.0, scale: float = 1
     return np.stack([centre_xy[0] + (c * uu - s * vv) / scale, centre_xy[1] + (s * uu + c * vv) / scale])
 
 
-def augment_patch(img_slices: list, label_slice: np.ndarray, centre_xy, size: int, params: dict):
+def augment_patch(img_slices: list, label_slice: np.ndarray, centre_xy, size: int, params: dict,
+                  intensity: bool = True):
     """Spatial augmentation of one 2.5D patch, image and label through the same coordinates: each image slice
     bilinearly, the label as a bilinear occupancy thresholded at 0.5 (as labels are resampled elsewhere).
-    Points outside the volume read 0 (air after normalisation, the crop's own padding). Then the intensity
-    part on the image alone. img_slices: n (X, Y) uint8 slices; returns ((size, size, n) float32 in [0, 1]-ish,
+    Points outside the volume read 0 (air after normalisation, the crop's own padding). Then, if intensity,
+    the intensity part on the image alone. img_slices: n (X, Y) uint8 slices; returns ((size, size, n) float32 in [0, 1]-ish,
     (size, size) uint8)."""
     xy = patch_coordinates(centre_xy, size, params["angle"], params["scale"], params["flip"])
     x = np.stack([ndimage.map_coordinates(sl, xy, output=np.float32, order=1, mode="constant", cval=0.0)
                   for sl in img_slices], -1) / 255.0
     y = ndimage.map_coordinates(label_slice.astype(np.float32), xy, order=1, mode="constant", cval=0.0) >= 0.5
+    if not intensity:
+        return x.astype(np.float32), y.astype(np.uint8)
     x = np.clip(x, 0, 1) ** params["gamma"] * params["contrast"] + params["brightness"]
     if params["noise_sd"] > 0:
         x = x + np.random.default_rng(params["noise_seed"]).normal(0, params["noise_sd"], x.shape)
@@ -526,13 +532,16 @@ class PatchDataset:
     fraction `fg_fraction` of patches (default 1/3, nnU-Net's foreground oversampling) is centred on a random
     prostate voxel, the rest are uniform over the volume, because the prostate fills about 3 % of a 128^3 crop.
 
-    augment=True (paper is silent; see AUGMENT) transforms each patch on the fly, from its own few slices only
+    augment ('off', 'spatial' or 'all'; paper is silent, see AUGMENT) transforms each patch on the fly, from its own few slices only
     (no full-volume work per step). An index past len(self) means epoch (i // len) of patch (i % len): the
     patch stays the same, its augmentation is drawn from (seed, patch, epoch), so every epoch sees a new,
     reproducible variant (train.py's sampler adds epoch * len to the indices)."""
 
     def __init__(self, images, labels, patch: int = 64, n_slices: int = 3, patches_per_image: int = 500,
-                 fg_fraction: float = 1 / 3, seed: int = 0, augment: bool = False):
+                 fg_fraction: float = 1 / 3, seed: int = 0, augment: str = "off"):
+        augment = {False: "off", True: "all"}.get(augment, augment)
+        if augment not in ("off", "spatial", "all"):
+            raise ValueError(f"augment must be 'off', 'spatial' or 'all', got {augment!r}")
         if len(images) != len(labels) or not images:
             raise ValueError("need as many labels as images, and at least one")
         self.images = [self._pad(np.asarray(v), patch) for v in images]
@@ -565,10 +574,10 @@ class PatchDataset:
             x0, y0 = rng.integers(0, img.shape[0] - P + 1), rng.integers(0, img.shape[1] - P + 1)
             z = int(rng.integers(0, img.shape[2]))
         zs = np.clip(np.arange(z - half, z + half + 1), 0, img.shape[2] - 1)
-        if self.augment:
+        if self.augment != "off":
             params = draw_augmentation(np.random.default_rng((self.seed, i, epoch, 1)))
             x, y = augment_patch([img[:, :, k] for k in zs], lab[:, :, z], (x0 + (P - 1) / 2, y0 + (P - 1) / 2),
-                                 P, params)
+                                 P, params, intensity=self.augment == "all")
             return (torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1))),
                     torch.from_numpy(y.astype(np.int64)))
         x = img[x0:x0 + P, y0:y0 + P][:, :, zs]                      # (P, P, n_slices)

@@ -21,7 +21,9 @@ Definitions (Section IV-C):
                centre of the other: scipy.ndimage.distance_transform_edt with sampling=spacing, computed
                only inside the two masks' joint bounding box plus a one-voxel margin (exactly the same
                values as over the whole volume: every surface voxel lies inside that box).
-  ASD (Eq. 6)  mean of the two directed mean surface distances (MedPy calls this 'assd').
+  ASD (Eq. 6)  mean of the two directed mean surface distances. (Not MedPy 0.5's `assd`, which pools
+               both directions' distances into one mean: different when the two surfaces have different
+               sizes, e.g. 9.7 vs 7.6 mm on a real case.)
   HD (Eq. 8)   the larger of the two directed maxima.
   HD95         two definitions are in common use:
                'max'    max(P95(d(Sur_seg -> Sur_gt)), P95(d(Sur_gt -> Sur_seg))): Eq. 8 with each max

@@ -48,8 +48,11 @@ PAPER_DEFAULTS = dict(
 def conv_bn_relu(c_in: int, c_out: int, kernel: int = 3) -> nn.Sequential:
     """Table I's 'conv+bn+r' with params {kernel, stride 1, padding kernel//2}.
 
-    Paper is silent on the convolution bias. We keep PyTorch's default bias=True: with it, Table I's network
-    has 3,279,842 parameters, the paper's "3.28 million" (without it, 3.276 M)."""
+    Paper is silent on the convolution bias, and the totals do not decide it: both readings round to the
+    paper's "3.28 million" (3,279,842 with a bias, 3,277,730 without), and no '#' entry of Table I is printed
+    precisely enough to tell. We keep what a plain nn.Conv2d gives (bias=True) because before BatchNorm the
+    bias cannot matter: BN subtracts the batch mean, which removes any constant per channel, and its own
+    shift replaces it. The choice changes 2,112 parameters and nothing the network can compute."""
     return nn.Sequential(nn.Conv2d(c_in, c_out, kernel, stride=1, padding=kernel // 2),
                          nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
 
@@ -240,13 +243,22 @@ def random_sampler(labels: torch.Tensor, k: int = 20, m: int = 1, generator: tor
 
 
 def focal_hard_negative_sampler(labels: torch.Tensor, probs: torch.Tensor, k: int = 20, m: int = 1,
-                                tau: float = 0.1, generator: torch.Generator | None = None) -> tuple:
+                                tau: float = 0.1, generator: torch.Generator | None = None,
+                                hard_negatives: bool = False) -> tuple:
     """ii) Focal hard negative sampling (Section III-B-2, Eq. 1, Fig. 5b).
 
     Eq. 1: s_hard = 1 where |y_hat - y| > tau, with y_hat the predicted prostate probability (the heatmap of
     the segmentation sub-network) and y the label. The anchors are drawn from s_hard AND p, the positive
     voxels that the network currently gets wrong by more than tau ("positive hard sample map").
     Positives and negatives are drawn at random by label, as in random sampling.
+
+    Paper is ambiguous on the negatives: it names the strategy "focal hard *negative*" and says a voxel with
+    s_hard = 1 "is labeled as a hard negative sample", but draws only the anchors from the hard map.
+    hard_negatives=False (the default, `--preset paper`) is the text as printed above. hard_negatives=True
+    (`train.py --hard-negatives`) mines both kinds of mistake: negatives come from the hard background voxels
+    (false positives by more than tau) of the image when it has any (else from all background), and the anchors
+    from all prostate voxels when none is missed (where the printed rule yields no tuple at all). The triplets
+    then push the features of the network's own false positives away from the prostate's.
 
     probs: (N, H, W) prostate probability; it is only read (detached), never back-propagated through.
 
@@ -259,9 +271,14 @@ def focal_hard_negative_sampler(labels: torch.Tensor, probs: torch.Tensor, k: in
     hard = (probs.detach() - y.to(probs.dtype)).abs() > tau   # Eq. 1
     pos = y.flatten(1)
     anchor_candidates = hard.flatten(1) & pos                 # positive hard sample map
+    negative_candidates = ~pos
+    if hard_negatives:                                        # mine false positives too (see above)
+        hard_neg = hard.flatten(1) & ~pos
+        negative_candidates = torch.where(hard_neg.any(-1, keepdim=True), hard_neg, ~pos)
+        anchor_candidates = torch.where(anchor_candidates.any(-1, keepdim=True), anchor_candidates, pos)
     N = pos.shape[0]
     # Same draw as random_sampler (repeated so this function can be copied alone).
-    cand = torch.stack([anchor_candidates, pos, ~pos])
+    cand = torch.stack([anchor_candidates, pos, negative_candidates])
     has_any = cand.any(-1)
     weights = torch.where(has_any[..., None], cand, torch.ones_like(cand)).float().flatten(0, 1)
     draw = torch.multinomial(weights, k * m, replacement=True, generator=generator).view(3, N, k * m)
@@ -360,6 +377,7 @@ class Config:
     samplers: tuple = ()     # subset of ('random', 'hard', 'contour')
     pair_term: bool = False
     separate: bool = False
+    source: str = "Table II"  # where the paper defines it
 
     @property
     def uses_metric(self) -> bool:
@@ -381,6 +399,11 @@ CONFIGS = {c.name: c for c in [
     Config("HRP", "unet", ("hard", "random"), pair_term=True),
     Config("HCP", "unet", ("hard", "contour"), pair_term=True),
 ]}
+# Table I's caption and Fig. 4 draw MetricUNet-HCR (hard + contour + random sampling, triplet term only), the
+# instantiation Section III-B describes; Table II has no such row, so it stands apart from CONFIGS.
+OTHER_CONFIGS = {c.name: c for c in [
+    Config("HCR", "unet", ("hard", "contour", "random"), source="Table I / Fig. 4, not a Table II row"),
+]}
 
 
 def get_config(name: str) -> Config:
@@ -389,10 +412,11 @@ def get_config(name: str) -> Config:
     key = norm(name)
     if key.startswith("metricunet") and key != "metricunet":
         key = key[len("metricunet"):]
-    for cname, cfg in CONFIGS.items():
+    for cname, cfg in {**CONFIGS, **OTHER_CONFIGS}.items():
         if norm(cname) == key:
             return cfg
-    raise ValueError(f"unknown configuration {name!r}; Table II rows are: {', '.join(CONFIGS)}")
+    raise ValueError(f"unknown configuration {name!r}; Table II rows are: {', '.join(CONFIGS)} "
+                     f"(and {', '.join(OTHER_CONFIGS)} of Table I / Fig. 4)")
 
 
 def build_model(config: Config | str, in_channels: int = 3, num_classes: int = 2, width: float = 1.0) -> nn.Module:
@@ -406,7 +430,7 @@ def build_model(config: Config | str, in_channels: int = 3, num_classes: int = 2
 def total_loss(logits: torch.Tensor, feats: torch.Tensor, labels: torch.Tensor, config: Config,
                k: int = 20, m: int = 1, sigma: float = 0.7, eps: float = 0.01, beta: float = 0.1,
                lam: float = 0.01, tau: float = 0.1, normalize: bool = True,
-               generator: torch.Generator | None = None):
+               generator: torch.Generator | None = None, hard_negatives: bool = False):
     """Eq. 4: L = L_CE + lambda * sum_t L_metric,t, one L_metric per sampling strategy t of the configuration.
 
     Eq. 3's cross-entropy is the mean over all voxels of the batch (torch's default), with labels > 0 as
@@ -424,7 +448,7 @@ def total_loss(logits: torch.Tensor, feats: torch.Tensor, labels: torch.Tensor, 
             if name == "random":
                 tuples.append(random_sampler(labels, k, m, generator))
             elif name == "hard":
-                tuples.append(focal_hard_negative_sampler(labels, probs, k, m, tau, generator))
+                tuples.append(focal_hard_negative_sampler(labels, probs, k, m, tau, generator, hard_negatives))
             elif name == "contour":
                 tuples.append(contour_aware_sampler(labels, k, m, generator))
             else:

@@ -59,8 +59,9 @@ PRESETS = {
 # (any preset) use. The small-data presets switch on what measurably helps there (SMALL_DATA).
 PAPER_STRICT = dict(stage1_antialias=False,   # Section III-A as printed: trilinear at integer positions
                     stage1_loss="ce",         # Eq. 3 in Stage 1 too
-                    augment=False)            # Section IV-D: no data augmentation
-SMALL_DATA = dict(stage1_antialias=True, stage1_loss="dice_ce", augment=True)
+                    augment="off",            # Section IV-D: no data augmentation
+                    hard_negatives=False)     # Section III-B-2 ii) as printed: negatives drawn from all background
+SMALL_DATA = dict(stage1_antialias=True, stage1_loss="dice_ce", augment="spatial", hard_negatives=False)
 for _name in ("cpu", "ablation"):
     PRESETS[_name].update(SMALL_DATA)
 PRESETS["paper"].update(PAPER_STRICT)
@@ -122,8 +123,11 @@ def parse_args(argv=None):
     p.add_argument("--stage1-antialias", action=argparse.BooleanOptionalAction,
                    help="Gaussian low-pass before the 1/4 down-sampling (data.stage1_volume)")
     p.add_argument("--stage1-loss", choices=["ce", "dice_ce"], help="Stage-1 loss: Eq. 3, or Eq. 3 + soft Dice")
-    p.add_argument("--augment", action=argparse.BooleanOptionalAction,
-                   help="on-the-fly patch augmentation in both stages (data.AUGMENT)")
+    p.add_argument("--augment", choices=["off", "spatial", "all"],
+                   help="on-the-fly patch augmentation in both stages (data.AUGMENT): flips, rotations, zoom; "
+                        "'all' adds intensity changes (for MRI; CT's Hounsfield units are calibrated)")
+    p.add_argument("--hard-negatives", action=argparse.BooleanOptionalAction,
+                   help="focal-hard tuples also mine false positives as negatives (metricunet.focal_hard_negative_sampler)")
     p.add_argument("--paper-strict", action="store_true",
                    help="the paper as printed: every addition where the paper is silent off, in any preset")
     # optimisation (Section IV-B) and the metric module (Section III-B, Eq. 1-4)
@@ -255,6 +259,25 @@ def validate_stage1(model, vols, device, amp):
     return float(np.mean(dscs)), float(np.nanmean(errs)) if np.any(np.isfinite(errs)) else float("nan")
 
 
+def score_stage1(model, preps, names, args, device, run: Path) -> list[dict]:
+    """Stage 1 on the test split (Section III-A's job: find the prostate): DSC at 1/4 size, and the error in mm
+    of the centre that inference uses (infer.stage1_centre, largest component) against the ground-truth
+    centroid; NaN if Stage 1 found nothing. Written to stage1_test.csv; cross-validation folds have no
+    validation set, so this is where a leave-one-out Stage 1 is judged."""
+    import infer
+    rows = []
+    for n in names:
+        img1, lab1 = data.stage1_pair(preps[n], antialias=args.stage1_antialias)
+        prob = predict_volume(model, img1, 5, device)
+        c = infer.stage1_centre(prob)
+        err = float("nan") if c is None else float(np.linalg.norm(c - data.label_centre(preps[n].label)))
+        rows.append(dict(case=n, dsc_quarter=float(dice(prob > 0.5, lab1 > 0)), centre_error_mm=err))
+        print(f"stage 1 on test case {n}: DSC {rows[-1]['dsc_quarter']:.4f} at 1/4 size, centre error "
+              + (f"{err:.1f} mm" if c is not None else "- (no prostate found)"))
+    write_csv(run / "stage1_test.csv", rows)
+    return rows
+
+
 def validate_stage2(model, crops, device, amp):
     """Stage-2 validation DSC on the 128^3 crops around the ground-truth centre (no centre error: NaN)."""
     if not crops:
@@ -270,7 +293,8 @@ def step_loss(stage, logits, feats, labels, cfg, args, generator):
     --stage1-loss dice_ce, a soft Dice term in Stage 1 (paper is silent on Stage 1's loss)."""
     loss, parts = M.total_loss(logits.float(), feats, labels, cfg, k=args.k, m=args.m, sigma=args.sigma,
                                eps=args.eps, beta=args.beta, lam=args.lam, tau=args.tau,
-                               normalize=not args.no_normalize, generator=generator)
+                               normalize=not args.no_normalize, generator=generator,
+                               hard_negatives=args.hard_negatives)
     if stage == 1 and args.stage1_loss == "dice_ce":
         loss = loss + M.soft_dice_loss(logits, labels)
     return loss, parts
@@ -289,7 +313,7 @@ def train_stage(stage, model, train_set, val_fn, args, ctx, log: CsvLog | None):
     sampler = DistributedSampler(train_set, num_replicas=ctx["world"], rank=ctx["rank"], shuffle=True,
                                  seed=args.seed, drop_last=True)
     loader = DataLoader(train_set, batch_size=args.batch, num_workers=args.workers,
-                        sampler=EpochIndexSampler(sampler, len(train_set)) if train_set.augment else sampler,
+                        sampler=EpochIndexSampler(sampler, len(train_set)) if train_set.augment != "off" else sampler,
                         drop_last=True, pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
     epochs = args.epochs1 if stage == 1 else args.epochs2
     steps_per_epoch = len(loader)
@@ -423,7 +447,10 @@ def flush(buf, stage, epoch, args, log, master, t0, step, total, first_step):
 # ---------------------------------------------------------------------------------------------- main
 
 def setup_distributed():
-    """The one DDP block: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; NCCL on CUDA, gloo on CPU."""
+    """The one DDP block: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; NCCL on CUDA, gloo on CPU.
+    Multi-node works the same: LOCAL_RANK picks this machine's GPU, the global RANK 0 alone writes (run folder,
+    phantom, log). Every node needs --data at the same path (or a shared file system); each node's processes
+    preprocess into their own --cache if it is not shared."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     if ddp:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -434,7 +461,8 @@ def setup_distributed():
             device = torch.device("cuda", local_rank)
         else:
             device = torch.device("cpu")
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+            # the cores of this machine are shared by its own processes only (multi-node: not by `world`)
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     else:
         rank, local_rank, world = 0, 0, 1
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -508,6 +536,9 @@ def main(argv=None):
         model = M.LightUNet(in_channels=5, filters=args.stage1_filters).to(device)
         train_stage(1, model, train_set, lambda m: validate_stage1(m, [pairs[n] for n in va], device, args.amp),
                     args, ctx, log)
+        if master and te:
+            model.load_state_dict(load_checkpoint(run / "stage1_best.pt", device)["model"])
+            score_stage1(model.eval(), preps, te, args, device, run)
 
     if args.stage1_from and master:
         copy_stage1(Path(args.stage1_from), run, ctx["dataset"])
@@ -683,6 +714,7 @@ def run_ablation_grid(a, root, dataset, names, jobs, seeds, folds):
             base += [f"--epochs{stage}", str(getattr(a, f"epochs{stage}"))]
     runs = Path(a.runs) / dataset
     case_rows, curves, wall = [], [], 0.0
+    a.stage1_rows = []
     for fold in (range(folds) if folds else [None]):
         n_train = len(data.split_cases(names, 0, fold=fold, folds=folds)[0])
         fold_flags = ["--folds", str(folds), "--fold", str(fold)] if folds else []
@@ -692,6 +724,9 @@ def run_ablation_grid(a, root, dataset, names, jobs, seeds, folds):
             wall += run_once(s1, base + fold_flags + [
                 "--stage", "1", "--seed", str(seed),
                 "--stage1-patches", str(patches_per_image(a.preset, 1, n_train))])
+            if (s1 / "stage1_test.csv").exists():
+                with open(s1 / "stage1_test.csv") as f:
+                    a.stage1_rows += [dict(r, seed=seed, fold="" if fold is None else fold) for r in csv.DictReader(f)]
             for label, config, extra in jobs:
                 run_dir = runs / (label.replace(" ", "_").replace("=", "") + f"-{tag}")
                 wall += run_once(run_dir, base + fold_flags + extra + [
@@ -768,6 +803,17 @@ def ablation_report(a, dataset, jobs, rows, seeds, folds, n_cases, wall) -> str:
         for lab in labels:
             L.append(f"| {row_name(lab)} | " + " | ".join(
                 f"{np.mean([r['DSC'] for r in by[lab] if r['seed'] == s]):.4f}" for s in seeds) + " |")
+    s1 = getattr(a, "stage1_rows", [])
+    if s1:
+        errs = np.array([float(r["centre_error_mm"]) for r in s1])
+        L += ["", "## Stage 1 on the test cases (shared by all rows; centre error of the crop centre it gives)", "",
+              "| fold | seed | case | DSC at 1/4 size | centre error (mm) |", "|---|---|---|---|---|"]
+        L += [f"| {r['fold']} | {r['seed']} | {r['case']} | {float(r['dsc_quarter']):.4f} | "
+              f"{'not found' if not np.isfinite(float(r['centre_error_mm'])) else format(float(r['centre_error_mm']), '.1f')} |"
+              for r in s1]
+        L += ["", f"Centre error: median {np.nanmedian(errs):.1f} mm, worst "
+                  f"{np.nanmax(errs) if np.isfinite(errs).any() else float('nan'):.1f} mm, "
+                  f"prostate not found in {int((~np.isfinite(errs)).sum())} of {len(errs)}."]
     empties = sum(r["empty_prediction"] for r in rows)
     L += ["", f"Empty predictions (scored with the volume diagonal as distance): {empties}.",
           f"Per-case values: `{'ablation' if a.study == 'rows' else 'sensitivity'}_{dataset}_cases.csv`; "

@@ -268,3 +268,15 @@ def test_poly_lr():
     assert M.poly_lr(0.01, 0, 100) == 0.01
     assert M.poly_lr(0.01, 50, 100) == pytest.approx(0.01 * 0.5 ** 0.9)
     assert M.poly_lr(0.01, 100, 100) == 0.0
+
+
+def test_hcr_is_table_i_and_fig_4s_configuration():
+    hcr = M.get_config("MetricUNet-HCR")
+    assert hcr.samplers == ("hard", "contour", "random") and not hcr.pair_term and "Table I" in hcr.source
+    assert "HCR" not in M.CONFIGS                                     # not a Table II row
+    logits = torch.randn(2, 2, 16, 16)
+    feats = torch.randn(2, 8, 16, 16)
+    lab = torch.zeros(2, 16, 16, dtype=torch.long)
+    lab[:, 4:12, 4:12] = 1
+    _, parts = M.total_loss(logits, feats, lab, hcr, generator=torch.Generator().manual_seed(0))
+    assert set(parts) == {"ce", "hard", "contour", "random"}          # one L_metric,t per strategy (Eq. 4)

@@ -242,3 +242,15 @@ def test_ablation_overhead_is_a_median_over_runs():
     a = train.parse_ablation_args(["--rows", "UNet,R"])
     text = train.ablation_report(a, "phantom", train.ablation_jobs(a), rows, [0, 1, 2], None, 20, 60.0)
     assert "| UNet | 100 | +0.0 % | 400 |" in text and "| MetricUNet-R | 110 | +10.0 % | 110 |" in text
+
+
+def test_split_all_trains_on_every_case_and_keeps_the_last_epoch(phantom, tmp_path):
+    root, cache = phantom
+    out = tmp_path / "deploy"
+    train.main(["--data", str(root), "--cache", str(cache), "--out", str(out), "--split", "all", "--stage", "1",
+                "--epochs1", "2", "--stage1-patches", "16", *TINY])
+    ck = torch.load(out / "stage1_best.pt", weights_only=True)
+    names = sorted(c.name for c in data.find_cases(root))
+    assert sorted(ck["dataset"]["train"]) == names and ck["dataset"]["val"] == [] and ck["dataset"]["test"] == []
+    assert ck["epoch"] == 1                                   # no validation: the last epoch is the one kept
+    assert not (out / "stage1_test.csv").exists()             # nothing held out, nothing scored

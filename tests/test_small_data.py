@@ -113,13 +113,13 @@ def test_augmented_patches_vary_by_epoch_and_are_reproducible():
 def test_paper_strict_turns_every_addition_off():
     for preset in train.PRESETS:
         a = train.parse_args(["--preset", preset, "--paper-strict"])
-        assert (a.stage1_antialias, a.stage1_loss, a.augment) == (False, "ce", False)
+        assert (a.stage1_antialias, a.stage1_loss, a.augment) == (False, "ce", "off")
     a = train.parse_args(["--preset", "paper"])
-    assert (a.stage1_antialias, a.stage1_loss, a.augment) == (False, "ce", False)
+    assert (a.stage1_antialias, a.stage1_loss, a.augment) == (False, "ce", "off")
     a = train.parse_args(["--preset", "cpu"])
-    assert (a.stage1_antialias, a.stage1_loss, a.augment) == (True, "dice_ce", True)
+    assert (a.stage1_antialias, a.stage1_loss, a.augment) == (True, "dice_ce", "spatial")
     with pytest.raises(SystemExit):
-        train.parse_args(["--preset", "cpu", "--paper-strict", "--augment"])
+        train.parse_args(["--preset", "cpu", "--paper-strict", "--augment", "spatial"])
 
 
 def test_paper_strict_losses_are_exactly_eq3_and_eq4():
@@ -141,3 +141,29 @@ def test_paper_strict_losses_are_exactly_eq3_and_eq4():
     p = torch.softmax(logits, 1)[:, 1]
     dice = 1 - (2 * (p * labels).sum() + 1e-5) / (p.sum() + labels.sum() + 1e-5)
     assert loss_dice.item() == pytest.approx((F.cross_entropy(logits, labels) + dice).item(), rel=1e-6)
+
+
+# ------------------------------------------------------------------ --hard-negatives (Section III-B-2 ii, other reading)
+
+def test_hard_negatives_are_the_networks_false_positives():
+    lab = torch.zeros(3, 16, 16, dtype=torch.long)
+    lab[:, 4:10, 4:10] = 1
+    probs = torch.where(lab > 0, 0.95, 0.02)                       # a good prediction ...
+    probs[0, 12:14, 12:15] = 0.8                                   # ... image 0: 6 false positives
+    probs[0, 5, 5] = 0.3                                           # and one missed prostate voxel
+    probs[1, 0, 0:2] = 0.6                                         # image 1: 2 false positives, nothing missed
+    # image 2: no mistake at all
+    a, p, n, v = M.focal_hard_negative_sampler(lab, probs, k=60, m=2, tau=0.1,
+                                               generator=torch.Generator().manual_seed(0), hard_negatives=True)
+    y = (lab > 0).flatten(1).numpy()
+    fp = ((probs.flatten(1) > 0.1) & (lab.flatten(1) == 0)).numpy()   # Eq. 1 on background voxels, by hand
+    assert bool(v.all())
+    assert set(a[0].tolist()) == {5 * 16 + 5}                      # the one missed voxel is the anchor
+    for i in (0, 1):
+        assert fp[i, n[i].numpy()].all()                           # negatives: false positives only
+    assert y[1, a[1].numpy()].all() and len(set(a[1].tolist())) > 10   # nothing missed: any prostate voxel
+    assert (~y[2, n[2].numpy()]).all() and len(set(n[2].flatten().tolist())) > 30   # no FP: all background
+    # the printed reading: image 1 and 2 have no hard positive, so no tuple; negatives from all background
+    a0, _, n0, v0 = M.focal_hard_negative_sampler(lab, probs, k=60, m=2, tau=0.1,
+                                                  generator=torch.Generator().manual_seed(0))
+    assert v0[:, 0].tolist() == [True, False, False] and not fp[0, n0[0].numpy()].all()
