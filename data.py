@@ -147,7 +147,6 @@ class Geometry:
 
 def load_case(case: Case, need_label: bool = True):
     """(image float32, label uint8 or None, Geometry), arrays reoriented to RAS; raises DataError on bad input."""
-    import nibabel as nib
     from nibabel import orientations as O
     img, data = _read_nifti(case.image)
     if data.ndim == 4:

@@ -14,6 +14,7 @@ import torch
 import data
 import infer
 import metricunet as M
+import ablation
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,7 +167,7 @@ def test_train_refuses_bad_arguments_without_writing(phantom, tmp_path, capsys):
     with pytest.raises(SystemExit, match="not found"):
         train.main(["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "run"), "--cache", str(cache)])
     with pytest.raises(SystemExit, match="inside the input data folder"):
-        train.ablation_main(["--data", str(root), "--results", str(root / "results"), "--cache", str(cache)])
+        ablation.ablation_main(["--data", str(root), "--results", str(root / "results"), "--cache", str(cache)])
     with pytest.raises(SystemExit, match="folds"):                       # 9 folds of 4 cases
         train.main(["--data", str(root), "--out", str(tmp_path / "run9"), "--cache", str(cache), "--folds", "9"])
     assert sorted(str(p) for p in root.rglob("*")) == before
@@ -181,7 +182,7 @@ def test_training_seconds_leaves_out_validation(tmp_path):
             "2,1,2,,,,,,,0.5,nan,15", "2,2,3,0.01,1,1,0,0,0,,,22", "2,2,4,0.01,1,1,0,0,0,,,30",
             "2,2,4,,,,,,,nan,nan,40"]
     log.write_text("\n".join(rows) + "\n")
-    assert train.training_seconds(log) == pytest.approx(25.0)
+    assert ablation.training_seconds(log) == pytest.approx(25.0)
 
 
 def test_ablation_report_hand_numbers():
@@ -193,8 +194,8 @@ def test_ablation_report_hand_numbers():
             dict(base, row="UNet", case="b/s0", DSC=0.80, train_s=100.0),
             dict(base, row="R", case="a/s0", DSC=0.85, train_s=110.0),
             dict(base, row="R", case="b/s0", DSC=0.95, train_s=110.0)]
-    a = train.parse_ablation_args(["--rows", "UNet,R"])
-    text = train.ablation_report(a, "phantom", train.ablation_jobs(a), rows, [0], None, 20, 60.0)
+    a = ablation.parse_ablation_args(["--rows", "UNet,R"])
+    text = ablation.ablation_report(a, "phantom", ablation.ablation_jobs(a), rows, [0], None, 20, 60.0)
     assert "| MetricUNet-R | 2 | 0.9000 ± 0.0707 | 0.9000 |" in text     # sample std (ddof 1) of 0.85, 0.95
     assert f"| MetricUNet-R | +0.1000 | {1 - 2 * math.atan(2) / math.pi:.3g} |" in text
     assert "| MetricUNet-R | 110 | +10.0 % | 110 |" in text
@@ -206,7 +207,7 @@ def test_ablation_runs_resumes_and_shares_stage1(phantom, tmp_path, monkeypatch)
                                                     stage1_patches=8, epochs1=1, epochs2=1, phantom_cases=4))
     args = ["--data", str(root), "--cache", str(cache), "--preset", "tiny", "--rows", "UNet,R", "--folds", "2",
             "--workers", "0", "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "res")]
-    train.ablation_main(args)
+    ablation.ablation_main(args)
     name = f"{root.name}_tiny"                       # a non-default preset names its own tables and runs
     with open(tmp_path / "res" / f"ablation_{name}_cases.csv") as f:
         cases = list(__import__("csv").DictReader(f))
@@ -217,7 +218,7 @@ def test_ablation_runs_resumes_and_shares_stage1(phantom, tmp_path, monkeypatch)
         s1 = [torch.load(runs / f"{r}-f{fold}-s0" / "stage1_best.pt", weights_only=True)["model"] for r in ("UNet", "R")]
         assert all(torch.equal(s1[0][k], s1[1][k]) for k in s1[0])
     stamp = (runs / "R-f1-s0" / "stage2_last.pt").stat().st_mtime_ns
-    train.ablation_main(args)                        # a second call finds every run done and retrains nothing
+    ablation.ablation_main(args)                        # a second call finds every run done and retrains nothing
     assert (runs / "R-f1-s0" / "stage2_last.pt").stat().st_mtime_ns == stamp
     text = (tmp_path / "res" / f"ablation_{name}.md").read_text()
     assert "leave-one-out" not in text and "2-fold cross-validation" in text and "MetricUNet-R" in text
@@ -239,8 +240,8 @@ def test_ablation_overhead_is_a_median_over_runs():
     base = dict(DSC=0.9, ASD=1.0, SEN=0.9, PPV=0.9, HD95=2.0, HD=3.0, aRVD=5.0, fold="", empty_prediction=False)
     rows = [dict(base, row=row, seed=s, case=f"a/s{s}", train_s=t)
             for row, times in (("UNet", (100.0, 100.0, 400.0)), ("R", (110.0,) * 3)) for s, t in enumerate(times)]
-    a = train.parse_ablation_args(["--rows", "UNet,R"])
-    text = train.ablation_report(a, "phantom", train.ablation_jobs(a), rows, [0, 1, 2], None, 20, 60.0)
+    a = ablation.parse_ablation_args(["--rows", "UNet,R"])
+    text = ablation.ablation_report(a, "phantom", ablation.ablation_jobs(a), rows, [0, 1, 2], None, 20, 60.0)
     assert "| UNet | 100 | +0.0 % | 400 |" in text and "| MetricUNet-R | 110 | +10.0 % | 110 |" in text
 
 

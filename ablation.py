@@ -1,0 +1,284 @@
+"""Section IV-D's experiments at a small scale: Table II's rows compared as in Tables III and IV, Fig. 7's
+convergence curves, and the sensitivity study of Fig. 6 (lambda, sigma) and Table V (k).
+
+    python ablation.py                                   # Tables II-IV + Fig. 7 on a 20-case phantom, 3 seeds
+    python ablation.py --data ../shared/data/msd-prostate-subset --channel T2   # the same on MRI, leave-one-out
+    python ablation.py --study sensitivity               # Fig. 6 and Table V for MetricUNet-R
+    python ablation.py --rows UNet,HCP --preset paper    # other rows, the paper's width (a GPU's work)
+
+Each run is `train.main` with the flags a row needs; results/ gets the tables (markdown), per-case CSVs and the
+Fig. 7 curves. Finished runs are kept in --runs and skipped, so a killed ablation continues where it stopped and
+a finished one only rewrites its tables. train.py is the training itself; this file is the harness around it.
+
+The paper's protocol, and where it is silent (README, "Where the paper is silent"): as in the paper's
+ablation ("we construct UNet to segment on the prostate region image which is same as the proposed two-stage
+learning framework"), only Stage 2 changes between rows: one Stage 1 per seed and fold is shared by all rows,
+so every row is scored through the same crops (Stage 1 -> crop -> Stage 2 -> mask on the input grid ->
+metrics.py). Rows run innermost, so a slow spell of the machine hits all rows alike; paired t-tests pair the
+same case under the same seed (Table IV); the training-time overhead (Section IV-D-3: "less than 10 %
+additional training time") is the median over runs of the Stage-2 step time, validation left out.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import data
+import metricunet as M
+import metrics
+from train import PRESETS, fmt_time, main as train_main, row_name, write_csv
+
+ABLATION_ROWS = ("UNet", "R", "H", "C", "HCP")
+SENSITIVITY = {"lam": (0.1, 0.01, 0.001), "sigma": (0.1, 0.3, 0.5, 0.7, 1.0), "k": (20, 50, 100, 200)}
+
+
+def parse_ablation_args(argv=None):
+    p = argparse.ArgumentParser(prog="ablation.py", description=(
+        "Table II rows x seeds (Tables III-IV, Fig. 7) or the sensitivity study (Fig. 6, Table V) -> results/. "
+        "Finished runs are kept in --runs and skipped, so a killed ablation continues where it stopped."))
+    p.add_argument("--data", help="data set folder (default: a 20-case phantom generated into --phantom-dir)")
+    p.add_argument("--channel", default="0", help="channel of 4-D images, by index or name (e.g. T2)")
+    p.add_argument("--study", default="rows", choices=["rows", "sensitivity"])
+    p.add_argument("--rows", default=",".join(ABLATION_ROWS), help="Table II rows, comma-separated; UNet first")
+    p.add_argument("--seeds", type=int, help="seeds per row (default 3; 1 with cross-validation)")
+    p.add_argument("--folds", type=int, help="cross-validation folds (default: leave-one-out below 10 cases)")
+    p.add_argument("--preset", default="ablation", choices=list(PRESETS))
+    p.add_argument("--results", default="results", help="where the tables and CSVs are written")
+    p.add_argument("--runs", default="runs/ablation", help="where the run folders are kept")
+    p.add_argument("--phantom-dir", help="default phantom-<preset>")
+    p.add_argument("--cache", default="data_cache")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--epochs1", type=int, help="override the preset's Stage-1 epochs")
+    p.add_argument("--epochs2", type=int, help="override the preset's Stage-2 epochs")
+    a = p.parse_args(argv)
+    try:
+        [M.get_config(r) for r in a.rows.split(",") if r.strip()]
+    except ValueError as e:
+        p.error(str(e))
+    return a
+
+
+def ablation_jobs(a):
+    """(label, config, extra train.py flags) per variant: Table II rows, or MetricUNet-R with one of lambda,
+    sigma, k changed (Fig. 6, Table V; the paper default is the rows study's R run, reused)."""
+    rows = [r.strip() for r in a.rows.split(",") if r.strip()]
+    if a.study == "rows":
+        return [(M.get_config(r).name, M.get_config(r).name, []) for r in rows]
+    jobs = [("R", "R", [])]
+    for name, values in SENSITIVITY.items():
+        jobs += [(f"R {name}={v:g}", "R", [f"--{name}", str(v)]) for v in values if v != M.PAPER_DEFAULTS[name]]
+    return jobs
+
+
+def patches_per_image(preset: str, stage: int, n_train: int) -> int:
+    """Patches per image such that an epoch holds as many patches as the preset gives its own phantom's
+    training split (ablation preset: 14 cases x 40 = 560 in Stage 2), so a 4-case MRI fold trains as long."""
+    p = PRESETS[preset]
+    n_ref = len(data.split_cases([str(i) for i in range(p["phantom_cases"])])[0])
+    return math.ceil((p["patches"] if stage == 2 else p["stage1_patches"]) * n_ref / n_train)
+
+
+def run_once(run_dir: Path, argv: list[str]):
+    """One train.py run into run_dir, resumed if it was interrupted; its wall time is kept beside it."""
+    done = run_dir / "ablation_job.json"
+    if done.exists():
+        return json.loads(done.read_text())["wall_s"]
+    t0 = time.time()
+    train_main(argv + ["--out", str(run_dir)] + (["--resume"] if any(run_dir.glob("stage*_last.pt")) else []))
+    wall = time.time() - t0
+    metrics.atomic_write_text(done, json.dumps(dict(wall_s=wall, argv=argv), indent=1))   # "done" marker
+    return wall
+
+
+def training_seconds(log_csv: Path, stage: int = 2) -> float:
+    """Seconds spent in training steps, validation excluded, from log.csv: for each epoch, the time of its last
+    step minus the end of the previous epoch (step rows carry the time of their flush)."""
+    with open(log_csv) as f:
+        rows = [r for r in csv.DictReader(f) if r["stage"] == str(stage)]
+    total, prev_end = 0.0, 0.0
+    for e in sorted({int(r["epoch"]) for r in rows}):
+        steps = [float(r["seconds"]) for r in rows if int(r["epoch"]) == e and r["val_dsc"] == ""]
+        ends = [float(r["seconds"]) for r in rows if int(r["epoch"]) == e and r["val_dsc"] != ""]
+        total += max(steps) - prev_end
+        prev_end = ends[-1] if ends else max(steps)
+    return total
+
+
+def read_case_rows(run_dir: Path, label: str, seed: int, fold: int | None) -> list[dict]:
+    """test_metrics.csv of one run, as metric dicts keyed by 'case/seed' so paired tests pair like with like."""
+    with open(run_dir / "test_metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    train_s = training_seconds(run_dir / "log.csv")
+    out = []
+    for r in rows:
+        d = {m: float(r[m]) for m in metrics.METRICS}
+        d.update(case=f"{r['case']}/s{seed}", image=r["case"], row=label, seed=seed,
+                 fold="" if fold is None else fold, empty_prediction=r.get("empty_prediction") == "True",
+                 train_s=train_s)
+        out.append(d)
+    return out
+
+
+def ablation_main(argv=None):
+    a = parse_ablation_args(argv)
+    root = Path(a.data) if a.data else Path(a.phantom_dir or f"phantom-{a.preset}")
+    for what, path in (("--results", a.results), ("--runs", a.runs), ("--cache", a.cache)):   # inputs stay untouched
+        if a.data and Path(a.data).resolve() in (Path(path).resolve(), *Path(path).resolve().parents):
+            sys.exit(f"error: {what} {path} lies inside the input data folder {a.data}; choose another")
+    # names of run folders and tables; a preset other than the default one gets its own, never mixed
+    dataset = (root.resolve().name if a.data else "phantom") + ("" if a.preset == "ablation" else f"_{a.preset}")
+    if not a.data and not (root / "dataset.json").exists():
+        print(f"generating the {PRESETS[a.preset]['phantom_cases']}-case phantom in {root}/")
+        data.make_phantom(root, cases=PRESETS[a.preset]["phantom_cases"], seed=0)
+    try:
+        names = [c.name for c in data.find_cases(root, a.channel)]
+    except data.DataError as e:
+        sys.exit(f"error: {e}")
+    folds = a.folds or (len(names) if len(names) < 10 else None)
+    seeds = list(range(a.seeds or (1 if folds or a.study == "sensitivity" else 3)))  # sensitivity: 9 runs, 1 seed
+    jobs = ablation_jobs(a)
+    t_start = time.time()
+    case_rows, curves, wall = run_ablation_grid(a, root, dataset, names, jobs, seeds, folds)
+    out = Path(a.results)
+    stem = f"{'ablation' if a.study == 'rows' else 'sensitivity'}_{dataset}"
+    write_csv(out / f"{stem}_cases.csv", case_rows)
+    write_csv(out / f"{stem}_convergence.csv", curves)
+    text = ablation_report(a, dataset, jobs, case_rows, seeds, folds, len(names), wall)
+    metrics.atomic_write_text(out / f"{stem}.md", text)
+    print(text)
+    print(f"\nwrote {out / (stem + '.md')} and its CSVs in {fmt_time(time.time() - t_start)}")
+
+
+def run_ablation_grid(a, root, dataset, names, jobs, seeds, folds):
+    """Every (fold, seed): one shared Stage 1, then each job's Stage 2 with test-split scoring. Folds, then
+    seeds outermost and jobs innermost, so a slow spell of the machine hits all rows alike.
+    Returns the per-case metric rows, the Fig. 7 curve rows and the summed wall time of the runs."""
+    base = ["--preset", a.preset, "--cache", a.cache, "--workers", str(a.workers), "--log-every", "50",
+            "--channel", a.channel] + (["--data", a.data] if a.data else ["--phantom-dir", str(root)])
+    for stage in (1, 2):
+        if getattr(a, f"epochs{stage}"):
+            base += [f"--epochs{stage}", str(getattr(a, f"epochs{stage}"))]
+    runs = Path(a.runs) / dataset
+    case_rows, curves, wall = [], [], 0.0
+    a.stage1_rows = []
+    for fold in (range(folds) if folds else [None]):
+        n_train = len(data.split_cases(names, 0, fold=fold, folds=folds)[0])
+        fold_flags = ["--folds", str(folds), "--fold", str(fold)] if folds else []
+        for seed in seeds:
+            tag = (f"f{fold}-" if folds else "") + f"s{seed}"
+            s1 = runs / f"stage1-{tag}"
+            wall += run_once(s1, base + fold_flags + [
+                "--stage", "1", "--seed", str(seed),
+                "--stage1-patches", str(patches_per_image(a.preset, 1, n_train))])
+            if (s1 / "stage1_test.csv").exists():
+                with open(s1 / "stage1_test.csv") as f:
+                    a.stage1_rows += [dict(r, seed=seed, fold="" if fold is None else fold) for r in csv.DictReader(f)]
+            for label, config, extra in jobs:
+                run_dir = runs / (label.replace(" ", "_").replace("=", "") + f"-{tag}")
+                wall += run_once(run_dir, base + fold_flags + extra + [
+                    "--stage", "2", "--config", config, "--seed", str(seed), "--stage1-from", str(s1),
+                    "--patches", str(patches_per_image(a.preset, 2, n_train))])
+                case_rows += read_case_rows(run_dir, label, seed, fold)
+                curves += convergence_rows(run_dir / "log.csv", label, seed, fold)
+    return case_rows, curves, wall
+
+
+def convergence_rows(log_csv: Path, label, seed, fold):
+    """Fig. 7: per-step cross-entropy and per-epoch validation DSC of Stage 2."""
+    with open(log_csv) as f:
+        return [dict(row=label, seed=seed, fold="" if fold is None else fold, epoch=r["epoch"], step=r["step"],
+                     ce=r["ce"], loss=r["loss"], val_dsc=r["val_dsc"])
+                for r in csv.DictReader(f) if r["stage"] == "2"]
+
+
+def ablation_report(a, dataset, jobs, rows, seeds, folds, n_cases, wall) -> str:
+    """Markdown: Table III layout (+ HD95, aRVD), Table IV-style paired p-values vs the first row, the training
+    time of each row against it, and the DSC of each seed apart."""
+    import platform
+    labels = [j[0] for j in jobs]
+    by = {lab: [r for r in rows if r["row"] == lab] for lab in labels}
+    ref = labels[0]
+    split = f"leave-one-out over {n_cases} cases ({folds} folds)" if folds == n_cases else (
+        f"{folds}-fold cross-validation" if folds else "the fixed 70/10/20 split (split seed 0)")
+    cmd = ablation_command(a)
+    p = PRESETS[a.preset]
+    per_epoch = p["patches"] * len(data.split_cases([str(i) for i in range(p["phantom_cases"])])[0])
+    L = [f"# {'Ablation (Tables II-IV)' if a.study == 'rows' else 'Sensitivity of MetricUNet-R (Fig. 6, Table V)'}"
+         f" on {dataset}", "",
+         f"Generated by `{cmd}` (ablation.py `ablation_main`). Do not edit: rerun the command.", "",
+         f"- data: {dataset}, {n_cases} cases, {split}; seeds {', '.join(map(str, seeds))}; "
+         f"each row's n = test cases x seeds = {len(by[ref])}",
+         f"- preset `{a.preset}`: Stage-2 width {p['width']} (Table I = 1.0), batch {p['batch']}, "
+         f"{a.epochs2 or p['epochs2']} Stage-2 epochs of {per_epoch} patches, Stage 1 shared by all "
+         f"rows of a seed; paper defaults k=20, m=1, sigma=0.7, eps=0.01, beta=0.1, lambda=0.01, tau=0.1",
+         f"- machine: {platform.machine()}, {os.cpu_count()} CPU threads, torch {torch.__version__}, "
+         f"{'CUDA' if torch.cuda.is_available() else 'CPU only'}; total run time {fmt_time(wall)}", ""]
+    L += ["## Segmentation (Table III layout; HD95 and aRVD as in Tables IV and VI)", "",
+          "| method | n | DSC mean ± std | DSC median | ASD (mm) mean ± std | ASD median | SEN mean ± std | "
+          "PPV mean ± std | HD95 (mm) mean ± std | aRVD (%) mean ± std |", "|---" * 10 + "|"]
+    for lab in labels:
+        s = metrics.summarize(by[lab])
+        ms = lambda m, d=4: f"{s[m]['mean']:.{d}f} ± {s[m]['std']:.{d}f}"
+        L.append(f"| {row_name(lab)} | {s['cases']} | {ms('DSC')} | {s['DSC']['median']:.4f} | {ms('ASD', 2)} | "
+                 f"{s['ASD']['median']:.2f} | {ms('SEN')} | {ms('PPV')} | {ms('HD95', 2)} | {ms('aRVD', 1)} |")
+    L += ["", f"## Paired two-sided t-tests against {row_name(ref)} (Table IV style; pairs = same case, same seed)",
+          "", "| method | ΔDSC | p DSC | ΔASD (mm) | p ASD | p SEN | p PPV | p HD95 |", "|---" * 8 + "|"]
+    for lab in labels[1:]:
+        pv = metrics.paired_pvalues(by[lab], by[ref])
+        d = lambda m: np.mean([r[m] for r in by[lab]]) - np.mean([r[m] for r in by[ref]])
+        L.append(f"| {row_name(lab)} | {d('DSC'):+.4f} | {pv['DSC']:.3g} | {d('ASD'):+.2f} | {pv['ASD']:.3g} | "
+                 f"{pv['SEN']:.3g} | {pv['PPV']:.3g} | {pv['HD95']:.3g} |")
+    # median over runs: one run slowed by other work on the machine must not decide the overhead
+    L += ["", f"## Stage-2 training time against {row_name(ref)} (validation excluded; median over runs)", "",
+          "| method | seconds per run (median) | overhead | slowest run |", "|---|---|---|---|"]
+    per_run = {lab: list({(r["seed"], r["fold"]): r["train_s"] for r in by[lab]}.values()) for lab in labels}
+    t = {lab: float(np.median(v)) for lab, v in per_run.items()}
+    for lab in labels:
+        L.append(f"| {row_name(lab)} | {t[lab]:.0f} | {100 * (t[lab] / t[ref] - 1):+.1f} % | {max(per_run[lab]):.0f} |")
+    if len(seeds) > 1:
+        L += ["", "## Mean DSC of each seed (seed-to-seed spread)", "",
+              "| method | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---" * (len(seeds) + 1) + "|"]
+        for lab in labels:
+            L.append(f"| {row_name(lab)} | " + " | ".join(
+                f"{np.mean([r['DSC'] for r in by[lab] if r['seed'] == s]):.4f}" for s in seeds) + " |")
+    s1 = getattr(a, "stage1_rows", [])
+    if s1:
+        errs = np.array([float(r["centre_error_mm"]) for r in s1])
+        L += ["", "## Stage 1 on the test cases (shared by all rows; centre error of the crop centre it gives)", "",
+              "| fold | seed | case | DSC at 1/4 size | centre error (mm) |", "|---|---|---|---|---|"]
+        L += [f"| {r['fold']} | {r['seed']} | {r['case']} | {float(r['dsc_quarter']):.4f} | "
+              f"{'not found' if not np.isfinite(float(r['centre_error_mm'])) else format(float(r['centre_error_mm']), '.1f')} |"
+              for r in s1]
+        L += ["", f"Centre error: median {np.nanmedian(errs):.1f} mm, worst "
+                  f"{np.nanmax(errs) if np.isfinite(errs).any() else float('nan'):.1f} mm, "
+                  f"prostate not found in {int((~np.isfinite(errs)).sum())} of {len(errs)}."]
+    empties = sum(r["empty_prediction"] for r in rows)
+    L += ["", f"Empty predictions (scored with the volume diagonal as distance): {empties}.",
+          f"Per-case values: `{'ablation' if a.study == 'rows' else 'sensitivity'}_{dataset}_cases.csv`; "
+          f"Fig. 7 curves (per-step cross-entropy, per-epoch validation DSC): "
+          f"`{'ablation' if a.study == 'rows' else 'sensitivity'}_{dataset}_convergence.csv`.", ""]
+    return "\n".join(L)
+
+
+def ablation_command(a) -> str:
+    """The command line that regenerates a table, flags at their defaults left out."""
+    flags = [f"--data {a.data} --channel {a.channel}" if a.data else "",
+             "--study sensitivity" if a.study == "sensitivity" else "",
+             f"--rows {a.rows}" if a.study == "rows" and a.rows != ",".join(ABLATION_ROWS) else "",
+             f"--seeds {a.seeds}" if a.seeds else "", f"--folds {a.folds}" if a.folds else "",
+             f"--preset {a.preset}" if a.preset != "ablation" else "",
+             f"--epochs1 {a.epochs1}" if a.epochs1 else "", f"--epochs2 {a.epochs2}" if a.epochs2 else ""]
+    return " ".join(["python ablation.py"] + [f for f in flags if f])
+
+
+if __name__ == "__main__":
+    ablation_main(sys.argv[1:])
