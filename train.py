@@ -17,7 +17,7 @@ What runs, in order (each step names the paper's section):
      ground-truth centre, loss of Eq. 4, SGD lr 0.01 with poly decay;
   4. infer.py on the test split's NIfTI files, then metrics.py (Table III-style summary).
 Additions where the paper is silent, for a handful of scans on a CPU (PAPER_STRICT / SMALL_DATA below, and
-the README): an anti-aliased 1/4 down-sampling and a Dice term in Stage 1, patch augmentation in both stages.
+the README): an anti-aliased 1/4 down-sampling and a Dice term in Stage 1, patch augmentation in Stage 2.
 `--preset paper` and `--paper-strict` run none of them.
 Run folder (--out, default runs/<config>-<preset>): args.json, log.csv (per-step losses and per-epoch
 validation, the data of Fig. 7), stage{1,2}_last.pt and stage{1,2}_best.pt, stage1_test.csv, predictions/,
@@ -65,9 +65,11 @@ PRESETS = {
 # (any preset) use. The small-data presets switch on what measurably helps there (SMALL_DATA).
 PAPER_STRICT = dict(stage1_antialias=False,   # Section III-A as printed: trilinear at integer positions
                     stage1_loss="ce",         # Eq. 3 in Stage 1 too
-                    augment="off",            # Section IV-D: no data augmentation
+                    augment="off",            # Section IV-D: no data augmentation (Stage 2) ...
+                    stage1_augment="off",     # ... nor in Stage 1
                     hard_negatives=False)     # Section III-B-2 ii) as printed: negatives drawn from all background
-SMALL_DATA = dict(stage1_antialias=True, stage1_loss="dice_ce", augment="spatial", hard_negatives=False)
+SMALL_DATA = dict(stage1_antialias=True, stage1_loss="dice_ce", augment="spatial", stage1_augment="off",
+                  hard_negatives=False)
 for _name in ("cpu", "ablation"):
     PRESETS[_name].update(SMALL_DATA)
 PRESETS["paper"].update(PAPER_STRICT)
@@ -130,8 +132,10 @@ def parse_args(argv=None):
                    help="Gaussian low-pass before the 1/4 down-sampling (data.stage1_volume)")
     p.add_argument("--stage1-loss", choices=["ce", "dice_ce"], help="Stage-1 loss: Eq. 3, or Eq. 3 + soft Dice")
     p.add_argument("--augment", choices=["off", "spatial", "all"],
-                   help="on-the-fly patch augmentation in both stages (data.AUGMENT): flips, rotations, zoom; "
+                   help="on-the-fly augmentation of Stage 2's patches (data.AUGMENT): flips, rotations, zoom; "
                         "'all' adds intensity changes (for MRI; CT's Hounsfield units are calibrated)")
+    p.add_argument("--stage1-augment", choices=["off", "spatial", "all"],
+                   help="the same for Stage 1 (off in the small-data presets: it slowed Stage 1's first epoch)")
     p.add_argument("--hard-negatives", action=argparse.BooleanOptionalAction,
                    help="focal-hard tuples also mine false positives as negatives (metricunet.focal_hard_negative_sampler)")
     p.add_argument("--paper-strict", action="store_true",
@@ -537,7 +541,7 @@ def main(argv=None):
         pairs = {n: data.stage1_pair(preps[n], antialias=args.stage1_antialias) for n in tr + va}
         train_set = data.PatchDataset([pairs[n][0] for n in tr], [pairs[n][1] for n in tr], patch=64, n_slices=5,
                                       patches_per_image=args.stage1_patches, fg_fraction=args.fg_fraction,
-                                      seed=args.seed, augment=args.augment)
+                                      seed=args.seed, augment=args.stage1_augment)
         torch.manual_seed(args.seed)                   # identical initial weights on every rank
         model = M.LightUNet(in_channels=5, filters=args.stage1_filters).to(device)
         train_stage(1, model, train_set, lambda m: validate_stage1(m, [pairs[n] for n in va], device, args.amp),

@@ -113,9 +113,9 @@ def test_augmented_patches_vary_by_epoch_and_are_reproducible():
 def test_paper_strict_turns_every_addition_off():
     for preset in train.PRESETS:
         a = train.parse_args(["--preset", preset, "--paper-strict"])
-        assert (a.stage1_antialias, a.stage1_loss, a.augment) == (False, "ce", "off")
+        assert (a.stage1_antialias, a.stage1_loss, a.augment, a.stage1_augment) == (False, "ce", "off", "off")
     a = train.parse_args(["--preset", "paper"])
-    assert (a.stage1_antialias, a.stage1_loss, a.augment) == (False, "ce", "off")
+    assert (a.stage1_antialias, a.stage1_loss, a.augment, a.stage1_augment) == (False, "ce", "off", "off")
     a = train.parse_args(["--preset", "cpu"])
     assert (a.stage1_antialias, a.stage1_loss, a.augment) == (True, "dice_ce", "spatial")
     with pytest.raises(SystemExit):
