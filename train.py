@@ -67,9 +67,10 @@ PAPER_STRICT = dict(stage1_antialias=False,   # Section III-A as printed: trilin
                     stage1_loss="ce",         # Eq. 3 in Stage 1 too
                     augment="off",            # Section IV-D: no data augmentation (Stage 2) ...
                     stage1_augment="off",     # ... nor in Stage 1
-                    hard_negatives=False)     # Section III-B-2 ii) as printed: negatives drawn from all background
+                    hard_negatives=False,     # Section III-B-2 ii) as printed: negatives drawn from all background
+                    metric_warmup=0.0)        # Eq. 4's lambda from the first step
 SMALL_DATA = dict(stage1_antialias=True, stage1_loss="dice_ce", augment="spatial", stage1_augment="off",
-                  hard_negatives=False)
+                  hard_negatives=False, metric_warmup=0.0)
 for _name in ("cpu", "ablation"):
     PRESETS[_name].update(SMALL_DATA)
 PRESETS["paper"].update(PAPER_STRICT)
@@ -138,6 +139,8 @@ def parse_args(argv=None):
                    help="the same for Stage 1 (off in the small-data presets: it slowed Stage 1's first epoch)")
     p.add_argument("--hard-negatives", action=argparse.BooleanOptionalAction,
                    help="focal-hard tuples also mine false positives as negatives (metricunet.focal_hard_negative_sampler)")
+    p.add_argument("--metric-warmup", type=float, metavar="EPOCHS",
+                   help="raise Eq. 4's lambda linearly from 0 over the first EPOCHS epochs of Stage 2 (0: off)")
     p.add_argument("--paper-strict", action="store_true",
                    help="the paper as printed: every addition where the paper is silent off, in any preset")
     # optimisation (Section IV-B) and the metric module (Section III-B, Eq. 1-4)
@@ -298,11 +301,15 @@ def validate_stage2(model, crops, device, amp):
 
 # ---------------------------------------------------------------------------------------------- training
 
-def step_loss(stage, logits, feats, labels, cfg, args, generator):
+def step_loss(stage, logits, feats, labels, cfg, args, generator, progress: float = 1.0):
     """The training loss of one step: Eq. 4 for Stage 2 (Eq. 3 for the UNet rows and for Stage 1), plus, with
-    --stage1-loss dice_ce, a soft Dice term in Stage 1 (paper is silent on Stage 1's loss)."""
+    --stage1-loss dice_ce, a soft Dice term in Stage 1 (paper is silent on Stage 1's loss).
+    progress: epochs done so far (fractional); with --metric-warmup E, Eq. 4's lambda rises linearly from 0 to
+    its value over the first E epochs (paper is silent on schedules; at initialisation lambda * L_metric's
+    gradient on the shared layers is ~15x cross-entropy's, so cross-entropy first gets to shape the features)."""
+    lam = args.lam * min(1.0, progress / args.metric_warmup) if args.metric_warmup else args.lam
     loss, parts = M.total_loss(logits.float(), feats, labels, cfg, k=args.k, m=args.m, sigma=args.sigma,
-                               eps=args.eps, beta=args.beta, lam=args.lam, tau=args.tau,
+                               eps=args.eps, beta=args.beta, lam=lam, tau=args.tau,
                                normalize=not args.no_normalize, generator=generator,
                                hard_negatives=args.hard_negatives)
     if stage == 1 and args.stage1_loss == "dice_ce":
@@ -355,7 +362,7 @@ def train_stage(stage, model, train_set, val_fn, args, ctx, log: CsvLog | None):
                 group["lr"] = lr
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda"):
                 logits, feats = model(x, detach_head_input=cfg.separate)
-            loss, parts = step_loss(stage, logits, feats, y, cfg, args, gen)
+            loss, parts = step_loss(stage, logits, feats, y, cfg, args, gen, progress=step / steps_per_epoch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

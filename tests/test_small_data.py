@@ -167,3 +167,18 @@ def test_hard_negatives_are_the_networks_false_positives():
     a0, _, n0, v0 = M.focal_hard_negative_sampler(lab, probs, k=60, m=2, tau=0.1,
                                                   generator=torch.Generator().manual_seed(0))
     assert v0[:, 0].tolist() == [True, False, False] and not fp[0, n0[0].numpy()].all()
+
+
+def test_metric_warmup_ramps_lambda_linearly():
+    a = train.parse_args(["--preset", "cpu", "--metric-warmup", "2"])
+    g = torch.Generator().manual_seed(0)
+    logits, feats = torch.randn(2, 2, 16, 16, generator=g), torch.randn(2, 8, 16, 16, generator=g)
+    labels = torch.zeros(2, 16, 16, dtype=torch.long)
+    labels[:, 4:10, 5:12] = 1
+    cfg = M.get_config("R")
+    t = M.random_sampler(labels, 20, 1, torch.Generator().manual_seed(5))
+    metric = M.metric_loss(feats, t, 0.7, 0.0, 0.01)
+    ce = F.cross_entropy(logits, labels)
+    for progress, lam in ((0.0, 0.0), (0.5, 0.0025), (2.0, 0.01), (7.0, 0.01)):    # epochs done -> lambda
+        loss, _ = train.step_loss(2, logits, feats, labels, cfg, a, torch.Generator().manual_seed(5), progress)
+        assert loss.item() == pytest.approx((ce + lam * metric).item(), rel=1e-6), progress
