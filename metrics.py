@@ -410,6 +410,9 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:                               # e.g. a read-only folder for --csv
+        print(f"error: cannot write {e.filename or args.csv}: {e.strerror}; choose a writable --csv", file=sys.stderr)
+        return 2
     return 0
 
 

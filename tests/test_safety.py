@@ -270,3 +270,16 @@ def test_coarse_slices_are_warned_about(tmp_path, capsys):                      
     data.load_case(data.Case("c", tmp_path / "img.nii.gz", None), need_label=False)
     err = capsys.readouterr().err
     assert "warning" in err and "50.0" in err and "6 mm" in err
+
+
+def test_metrics_unwritable_report_is_one_line(tmp_path, monkeypatch, capsys):               # item 11
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    save(gt / "a.nii.gz", box_mask())
+    save(pred / "a.nii.gz", box_mask())
+
+    def refuse(path, text):
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(metrics, "atomic_write_text", refuse)        # as a read-only folder would (we run as root)
+    assert metrics.main([str(pred), str(gt), "--csv", str(tmp_path / "ro" / "r.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write" in err and "Permission denied" in err and "Traceback" not in err
