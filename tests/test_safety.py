@@ -283,3 +283,35 @@ def test_metrics_unwritable_report_is_one_line(tmp_path, monkeypatch, capsys):  
     assert metrics.main([str(pred), str(gt), "--csv", str(tmp_path / "ro" / "r.csv")]) == 2
     err = capsys.readouterr().err
     assert "cannot write" in err and "Permission denied" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------ pictures and ablation.py (issue 12)
+
+def test_png_writer_decodes_to_the_same_pixels(tmp_path):
+    """Our PNG, decoded by hand with zlib and struct (chunks, CRCs, filter bytes), gives back the pixels."""
+    import struct
+    import zlib
+    rgb = (np.random.default_rng(0).random((7, 11, 3)) * 255).astype(np.uint8)
+    infer.write_png(tmp_path / "x.png", rgb)
+    b = (tmp_path / "x.png").read_bytes()
+    assert b[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, {}
+    while pos < len(b):
+        n = struct.unpack(">I", b[pos:pos + 4])[0]
+        kind, body = b[pos + 4:pos + 8], b[pos + 8:pos + 8 + n]
+        assert struct.unpack(">I", b[pos + 8 + n:pos + 12 + n])[0] == zlib.crc32(kind + body) & 0xFFFFFFFF
+        chunks[kind] = body
+        pos += 12 + n
+    w, h, depth, colour = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
+    assert (w, h, depth, colour) == (11, 7, 8, 2) and b"IEND" in chunks
+    rows = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), np.uint8).reshape(7, 1 + 11 * 3)
+    assert (rows[:, 0] == 0).all()                                     # filter type 0 on every row
+    assert np.array_equal(rows[:, 1:].reshape(7, 11, 3), rgb)
+
+
+@pytest.mark.parametrize("argv", [["--rows", "UNet,XYZ"], ["--preset", "nope"], ["--study", "other"]])
+def test_ablation_argument_errors(argv, capsys):
+    import ablation
+    with pytest.raises(SystemExit) as e:
+        ablation.parse_ablation_args(argv)
+    assert e.value.code == 2 and "error" in capsys.readouterr().err
