@@ -54,7 +54,7 @@ PRESETS = {
                   epochs1=10, epochs2=20, phantom_cases=40),
     "cpu": dict(width=0.25, stage1_filters=16, batch=16, patches=200, stage1_patches=200,
                 epochs1=6, epochs2=8, phantom_cases=12),
-    # `train.py ablation`: 15 Stage-2 runs in about an hour on 2 CPU cores. The ablation runner overrides the
+    # `ablation.py`: 15 Stage-2 runs in about an hour on 2 CPU cores. The ablation runner overrides the
     # patches per image so that every epoch holds the same number of patches whatever the case count.
     "ablation": dict(width=0.25, stage1_filters=16, batch=16, patches=40, stage1_patches=100,
                      epochs1=10, epochs2=6, phantom_cases=20),
@@ -323,10 +323,12 @@ def train_stage(stage, model, train_set, val_fn, args, ctx, log: CsvLog | None):
     device, master, ddp = ctx["device"], ctx["master"], ctx["ddp"]
     run = Path(args.out)
     cfg = M.get_config(args.config) if stage == 2 else M.get_config("UNet")
-    raw_model = model
-    if ddp:
+    raw_model = model                          # evaluated and saved; `model` may be its DDP wrapper
+    if ddp:                                    # one replica per rank; backward averages the gradients
         model = DDP(model, device_ids=[ctx["local_rank"]] if device.type == "cuda" else None)
+    # Section IV-B: "optimized by standard Stochastic Gradient Descent"; momentum 0.9 (paper silent)
     opt = torch.optim.SGD(raw_model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    # each rank reads its own share of the patch set, so the batch is --batch per process ("30 on each GPU")
     sampler = DistributedSampler(train_set, num_replicas=ctx["world"], rank=ctx["rank"], shuffle=True,
                                  seed=args.seed, drop_last=True)
     loader = DataLoader(train_set, batch_size=args.batch, num_workers=args.workers,
@@ -357,11 +359,12 @@ def train_stage(stage, model, train_set, val_fn, args, ctx, log: CsvLog | None):
         buf = []                                   # per-step loss parts, kept on the device until a flush
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            lr = M.poly_lr(args.lr, step, total)
+            lr = M.poly_lr(args.lr, step, total)         # Section IV-B: "decayed from 0.01 by the 'Poly' method"
             for group in opt.param_groups:
                 group["lr"] = lr
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda"):
                 logits, feats = model(x, detach_head_input=cfg.separate)
+            # Eq. 3 (Stage 1, UNet rows) or Eq. 4 (cross-entropy + lambda * the samplers' Eq. 2 losses)
             loss, parts = step_loss(stage, logits, feats, y, cfg, args, gen, progress=step / steps_per_epoch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -372,6 +375,7 @@ def train_stage(stage, model, train_set, val_fn, args, ctx, log: CsvLog | None):
             if step % args.log_every == 0 or step % steps_per_epoch == 0:
                 flush(buf, stage, epoch, args, log, master, t0, step, total, start_epoch * steps_per_epoch)
                 buf = []
+        # end of epoch: the master validates (whole slices, as at test time) and checkpoints; the others wait
         model.eval()
         val = val_fn(raw_model) if master else (float("nan"), float("nan"))
         if master:
