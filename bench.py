@@ -149,8 +149,8 @@ def bench_loader(args, device):
 
 def bench_step(args, device):
     """A Stage-2 training step at the cpu preset (width 0.25, batch 16, MetricUNet-HCP), data loader included
-    (2 workers, as train.py): the paper's patches against the small-data additions (--augment spatial,
-    --hard-negatives), interleaved in rounds so that drift hits both alike. On 2 CPU cores the loader's
+    (2 workers, as train.py): the paper's patches against the small-data presets' Stage-2 additions
+    (train.SMALL_DATA: --augment spatial), interleaved in rounds so that drift hits both alike. On 2 CPU cores the loader's
     workers share the cores with the step, so this is what a user's epoch costs."""
     import numpy as np
     from torch.utils.data import DataLoader
@@ -161,8 +161,10 @@ def bench_step(args, device):
     labs = [np.zeros((128, 128, 128), np.uint8) for _ in range(4)]
     for lab in labs:
         lab[44:84, 50:80, 46:81] = 1
+    import train
     cfg = M.get_config("HCP")
-    variants = {"paper (no additions)": ("off", False), "small-data additions": ("spatial", True)}
+    variants = {name: (d["augment"], d["hard_negatives"])            # Stage 2's additions, as the presets set them
+                for name, d in (("paper (no additions)", train.PAPER_STRICT), ("small-data additions", train.SMALL_DATA))}
     runs = {}
     for name, (augment, hard_neg) in variants.items():
         ds = data.PatchDataset(vols, labs, patch=64, n_slices=3, patches_per_image=2000, augment=augment)
