@@ -215,24 +215,27 @@ def list_inputs(inp: Path):
     return [inp]
 
 
-def protected_folders(in_paths, input_arg=None) -> set:
-    """Folders nothing may be written into: the folder given as input, each input file's own folder, and
-    the data set an image belongs to (the parent of imagesTr/, images/ ..., or any folder with a dataset.json
-    above it), so that neither the images nor the labels beside them can be replaced."""
-    out = {Path(input_arg).resolve()} if input_arg is not None and Path(input_arg).is_dir() else set()
+def protected_folders(in_paths, input_arg=None) -> tuple:
+    """(trees, folders): nothing may be written inside a tree or into a folder. Trees: the folder given as
+    input, and the data set an image belongs to (the parent of imagesTr/, images/ ..., or any folder with a
+    dataset.json above it), so neither the images nor the labels beside them can be replaced. Folders: each
+    input file's own folder (a subfolder of it, e.g. ./out next to ./scan.nii.gz, is fine)."""
+    trees = {Path(input_arg).resolve()} if input_arg is not None and Path(input_arg).is_dir() else set()
+    folders = set()
     for p in in_paths:
         folder = Path(p).resolve().parent
-        out.add(folder)
+        folders.add(folder)
         if folder.name in IMAGE_FOLDERS:
-            out.add(folder.parent)
-        out.update(f for f in folder.parents if (f / "dataset.json").is_file())
-    return out
+            trees.update({folder, folder.parent})
+        trees.update(f for f in (folder, *folder.parents) if (f / "dataset.json").is_file())
+    return trees, folders
 
 
-def check_output_folder(out_dir: Path, protected: set, what: str = "output folder") -> None:
+def check_output_folder(out_dir: Path, protected: tuple, what: str = "output folder") -> None:
+    trees, folders = protected
     o = Path(out_dir).resolve()
-    for f in protected:
-        if o == f or f in o.parents:
+    for f in sorted(trees | folders):
+        if o == f or (f in trees and f in o.parents):
             raise ValueError(f"{what} {out_dir} lies inside an input folder ({f}), where nothing is written; "
                              f"choose a folder outside it")
 

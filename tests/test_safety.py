@@ -315,3 +315,12 @@ def test_ablation_argument_errors(argv, capsys):
     with pytest.raises(SystemExit) as e:
         ablation.parse_ablation_args(argv)
     assert e.value.code == 2 and "error" in capsys.readouterr().err
+
+
+def test_infer_allows_a_subfolder_next_to_a_single_scan_but_not_beside_it(tmp_path):
+    scan = tmp_path / "scan.nii.gz"
+    save(scan, (box_mask() * 100).astype(np.int16))
+    prot = infer.protected_folders([scan])
+    infer.check_output_folder(tmp_path / "out", prot)                  # ./out next to ./scan.nii.gz is fine
+    with pytest.raises(ValueError, match="input folder"):
+        infer.check_output_folder(tmp_path, prot)                       # beside the scan is not
