@@ -35,7 +35,7 @@ import torch
 import data
 import metricunet as M
 import metrics
-from train import PRESETS, fmt_time, main as train_main, row_name, write_csv
+from train import PRESETS, fmt_time, main as train_main
 
 ABLATION_ROWS = ("UNet", "R", "H", "C", "HCP")
 SENSITIVITY = {"lam": (0.1, 0.01, 0.001), "sigma": (0.1, 0.3, 0.5, 0.7, 1.0), "k": (20, 50, 100, 200)}
@@ -150,8 +150,8 @@ def ablation_main(argv=None):
     case_rows, curves, wall = run_ablation_grid(a, root, dataset, names, jobs, seeds, folds)
     out = Path(a.results)
     stem = f"{'ablation' if a.study == 'rows' else 'sensitivity'}_{dataset}"
-    write_csv(out / f"{stem}_cases.csv", case_rows)
-    write_csv(out / f"{stem}_convergence.csv", curves)
+    metrics.write_csv(out / f"{stem}_cases.csv", case_rows)
+    metrics.write_csv(out / f"{stem}_convergence.csv", curves)
     text = ablation_report(a, dataset, jobs, case_rows, seeds, folds, len(names), wall)
     metrics.atomic_write_text(out / f"{stem}.md", text)
     print(text)
@@ -228,27 +228,27 @@ def ablation_report(a, dataset, jobs, rows, seeds, folds, n_cases, wall) -> str:
     for lab in labels:
         s = metrics.summarize(by[lab])
         ms = lambda m, d=4: f"{s[m]['mean']:.{d}f} ± {s[m]['std']:.{d}f}"
-        L.append(f"| {row_name(lab)} | {s['cases']} | {ms('DSC')} | {s['DSC']['median']:.4f} | {ms('ASD', 2)} | "
+        L.append(f"| {M.row_name(lab)} | {s['cases']} | {ms('DSC')} | {s['DSC']['median']:.4f} | {ms('ASD', 2)} | "
                  f"{s['ASD']['median']:.2f} | {ms('SEN')} | {ms('PPV')} | {ms('HD95', 2)} | {ms('aRVD', 1)} |")
-    L += ["", f"## Paired two-sided t-tests against {row_name(ref)} (Table IV style; pairs = same case, same seed)",
+    L += ["", f"## Paired two-sided t-tests against {M.row_name(ref)} (Table IV style; pairs = same case, same seed)",
           "", "| method | ΔDSC | p DSC | ΔASD (mm) | p ASD | p SEN | p PPV | p HD95 |", "|---" * 8 + "|"]
     for lab in labels[1:]:
         pv = metrics.paired_pvalues(by[lab], by[ref])
         d = lambda m: np.mean([r[m] for r in by[lab]]) - np.mean([r[m] for r in by[ref]])
-        L.append(f"| {row_name(lab)} | {d('DSC'):+.4f} | {pv['DSC']:.3g} | {d('ASD'):+.2f} | {pv['ASD']:.3g} | "
+        L.append(f"| {M.row_name(lab)} | {d('DSC'):+.4f} | {pv['DSC']:.3g} | {d('ASD'):+.2f} | {pv['ASD']:.3g} | "
                  f"{pv['SEN']:.3g} | {pv['PPV']:.3g} | {pv['HD95']:.3g} |")
     # median over runs: one run slowed by other work on the machine must not decide the overhead
-    L += ["", f"## Stage-2 training time against {row_name(ref)} (validation excluded; median over runs)", "",
+    L += ["", f"## Stage-2 training time against {M.row_name(ref)} (validation excluded; median over runs)", "",
           "| method | seconds per run (median) | overhead | slowest run |", "|---|---|---|---|"]
     per_run = {lab: list({(r["seed"], r["fold"]): r["train_s"] for r in by[lab]}.values()) for lab in labels}
     t = {lab: float(np.median(v)) for lab, v in per_run.items()}
     for lab in labels:
-        L.append(f"| {row_name(lab)} | {t[lab]:.0f} | {100 * (t[lab] / t[ref] - 1):+.1f} % | {max(per_run[lab]):.0f} |")
+        L.append(f"| {M.row_name(lab)} | {t[lab]:.0f} | {100 * (t[lab] / t[ref] - 1):+.1f} % | {max(per_run[lab]):.0f} |")
     if len(seeds) > 1:
         L += ["", "## Mean DSC of each seed (seed-to-seed spread)", "",
               "| method | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---" * (len(seeds) + 1) + "|"]
         for lab in labels:
-            L.append(f"| {row_name(lab)} | " + " | ".join(
+            L.append(f"| {M.row_name(lab)} | " + " | ".join(
                 f"{np.mean([r['DSC'] for r in by[lab] if r['seed'] == s]):.4f}" for s in seeds) + " |")
     s1 = getattr(a, "stage1_rows", [])
     if s1:

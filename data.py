@@ -15,8 +15,10 @@ Pipeline, in the order it runs (each step names the paper's section):
   crop_around           Section III-A: the 128^3 crop at 1 mm around a centre, padded past the volume.
   PatchDataset          Section III-A / IV-B: 2.5D training patches, 64 x 64 x 5 of the 1/4-size image
                         (Stage 1) or 64 x 64 x 3 of the crop (Stage 2, 500 per image), label of the middle
-                        slice; optional on-the-fly augmentation (augment_patch; paper is silent).
-  split_cases           Section IV-A: a deterministic 70 / 10 / 20 split by seed.
+                        slice; optional on-the-fly augmentation (augment_patch; paper is silent), a new
+                        draw every epoch through EpochIndexSampler.
+  split_cases           Section IV-A: a deterministic 70 / 10 / 20 split by seed (or cross-validation folds).
+  load_split            train.py's entry: cases, split and the cached preprocessing (DDP-safe).
   to_original_grid      the inverse of preprocess: a 1-mm probability map back onto the input's grid.
   make_phantom          the synthetic pelvic CT with known ground truth.
 
@@ -409,6 +411,27 @@ def split_cases(names: list[str], seed: int = 0, fractions=(0.7, 0.1, 0.2), fold
     return order[:n_train], order[n_train:n_train + n_val], order[n_train + n_val:]
 
 
+def load_split(root, channel, cache, split="70/10/20", split_seed=0, fold=None, folds=None, master=True,
+               barrier=None):
+    """train.py's data: the cases of `root`, their split (Section IV-A's 70/10/20, a cross-validation fold, or
+    split='all': every case trains, for the model a user deploys), and every case preprocessed (cached).
+    Returns (cases, {name: Prepared}, (train, val, test) names).
+
+    Under DDP, the master alone preprocesses and writes the cache while the other ranks wait at `barrier`,
+    then every rank reads the same cache: no two processes ever write one file."""
+    cases = find_cases(root, channel)
+    names = [c.name for c in cases]
+    parts = (sorted(names), [], []) if split == "all" else split_cases(names, split_seed, fold=fold, folds=folds)
+    if master:
+        how = f"fold {fold} of {folds}" if folds else split
+        print(f"data {root}: {len(cases)} cases, split {how} train {len(parts[0])} / val {len(parts[1])} / "
+              f"test {len(parts[2])} (split seed {split_seed})")
+        prepare_cases(cases, cache)
+    if barrier:
+        barrier()
+    return cases, {p.name: p for p in prepare_cases(cases, cache, log=None)}, parts
+
+
 # ---------------------------------------------------------------------------------------------- Stage 1
 
 def stage1_volume(volume: np.ndarray, factor: int = STAGE1_FACTOR, order: int = 1, antialias: bool = False) -> np.ndarray:
@@ -441,6 +464,13 @@ def stage1_pair(p: Prepared, antialias: bool = False):
 
 def label_centre(label: np.ndarray) -> np.ndarray:
     return np.argwhere(label > 0).mean(0)
+
+
+def prostate_crop(p: Prepared, size: int = CROP_SIZE):
+    """Stage 2's training pair (Section III-B): image and label cropped to size^3 around the ground-truth
+    prostate centre (at test time the centre comes from Stage 1 and the femoral heads instead)."""
+    c = label_centre(p.label)
+    return crop_around(p.image, c, size)[0], crop_around(p.label, c, size)[0]
 
 
 def crop_around(volume: np.ndarray, centre, size: int = CROP_SIZE, fill: int = 0):
@@ -534,7 +564,7 @@ class PatchDataset:
     augment ('off', 'spatial' or 'all'; paper is silent, see AUGMENT) transforms each patch on the fly, from its own few slices only
     (no full-volume work per step). An index past len(self) means epoch (i // len) of patch (i % len): the
     patch stays the same, its augmentation is drawn from (seed, patch, epoch), so every epoch sees a new,
-    reproducible variant (train.py's sampler adds epoch * len to the indices)."""
+    reproducible variant (EpochIndexSampler adds epoch * len to the indices)."""
 
     def __init__(self, images, labels, patch: int = 64, n_slices: int = 3, patches_per_image: int = 500,
                  fg_fraction: float = 1 / 3, seed: int = 0, augment: str = "off"):
@@ -583,6 +613,23 @@ class PatchDataset:
         y = lab[x0:x0 + P, y0:y0 + P, z]
         return (torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1))).float().div_(255.0),
                 torch.from_numpy(np.ascontiguousarray(y)).long())
+
+
+class EpochIndexSampler:
+    """Wraps a DistributedSampler: yields its indices plus epoch * len(dataset), which PatchDataset reads as
+    the same patch with that epoch's augmentation. The epoch travels inside the index, so persistent
+    DataLoader workers (each holds its own copy of the dataset) need no shared state, and a resumed run
+    draws exactly what the uninterrupted run would have drawn. (A DataLoader accepts any iterable with a
+    length as its sampler, so this needs no torch import.)"""
+
+    def __init__(self, sampler, n: int):
+        self.sampler, self.n = sampler, n
+
+    def __iter__(self):
+        return (self.sampler.epoch * self.n + i for i in self.sampler)
+
+    def __len__(self):
+        return len(self.sampler)
 
 
 def slices_25d(volume: np.ndarray, n_slices: int, multiple: int = 8):

@@ -36,7 +36,7 @@ def load_models(run_dir, device):
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: is {run} a finished train.py run folder?")
         try:                   # weights_only: a checkpoint that holds code is refused, never run
-            ck = torch.load(path, map_location=device, weights_only=True)
+            ck = M.load_checkpoint(path, device)
             a = ck["args"]
             model = (M.LightUNet(in_channels=5, filters=a["stage1_filters"]) if stage == 1
                      else M.build_model(a["config"], in_channels=3, width=a["width"]))
@@ -105,6 +105,72 @@ def segment(prep: data.Prepared, stage1, stage2, device, log=print, largest_comp
     dst = tuple(slice(a.start - s, a.stop - s) for a, s in zip(src, start))
     prob[src] = p2[dst]
     return prob, centre
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+# What train.py measures with the same inference path a user runs: validation after every epoch (whole
+# slices, no patch voting, as at test time), Stage 1 on the test split, and the test split end to end.
+
+def dice(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Dice similarity coefficient (Eq. 5) of two boolean arrays; 1 when both are empty."""
+    s = pred.sum() + gt.sum()
+    return 1.0 if s == 0 else 2.0 * float(np.logical_and(pred, gt).sum()) / float(s)
+
+
+def validate_stage1(model, pairs, device, amp=False):
+    """Stage-1 validation (Section III-A): mean DSC on the 1/4-size images, and the mean distance in mm
+    between the centroids of prediction and label (what the crop depends on). NaN when there is no
+    validation set (cross-validation folds) or nothing was found."""
+    if not pairs:
+        return float("nan"), float("nan")
+    dscs, errs = [], []
+    for img, lab in pairs:
+        pred = predict_volume(model, img, 5, device, amp=amp) > 0.5
+        dscs.append(dice(pred, lab > 0))
+        if pred.any():
+            errs.append(np.linalg.norm((np.argwhere(pred).mean(0) - np.argwhere(lab).mean(0)) * data.STAGE1_FACTOR))
+    return float(np.mean(dscs)), float(np.mean(errs)) if errs else float("nan")
+
+
+def validate_stage2(model, crops, device, amp=False):
+    """Stage-2 validation DSC on the 128^3 crops around the ground-truth centre (Section III-B; no centre
+    error for Stage 2: NaN)."""
+    if not crops:
+        return float("nan"), float("nan")
+    dscs = [dice(predict_volume(model, img, 3, device, amp=amp) > 0.5, lab > 0) for img, lab in crops]
+    return float(np.mean(dscs)), float("nan")
+
+
+def score_stage1(model, preps: dict, names, device, antialias: bool, csv_path: Path) -> list[dict]:
+    """Stage 1 on the test split (Section III-A's job: find the prostate): DSC at 1/4 size, and the error in mm
+    of the centre that inference uses (stage1_centre, largest component) against the ground-truth centroid;
+    NaN if Stage 1 found nothing. Cross-validation folds have no validation set, so this is where a
+    leave-one-out Stage 1 is judged. Written to csv_path (train.py: stage1_test.csv)."""
+    import metrics
+    rows = []
+    for n in names:
+        img1, lab1 = data.stage1_pair(preps[n], antialias=antialias)
+        prob = predict_volume(model, img1, 5, device)
+        c = stage1_centre(prob)
+        err = float("nan") if c is None else float(np.linalg.norm(c - data.label_centre(preps[n].label)))
+        rows.append(dict(case=n, dsc_quarter=dice(prob > 0.5, lab1 > 0), centre_error_mm=err))
+        print(f"stage 1 on test case {n}: DSC {rows[-1]['dsc_quarter']:.4f} at 1/4 size, centre error "
+              + (f"{err:.1f} mm" if c is not None else "- (no prostate found)"))
+    metrics.write_csv(csv_path, rows)
+    return rows
+
+
+def score_test_split(run_dir: Path, test_cases, channel, device, title: str, extra: dict) -> dict:
+    """A finished run on its test split, as a user would score it: infer.py's run() writes the masks into
+    run_dir/predictions (the run's own folder, so a resumed run may replace them), then metrics.py's
+    evaluation against the labels -> run_dir/test_metrics.csv and its summary (Table III layout)."""
+    import metrics
+    pred_dir = Path(run_dir) / "predictions"
+    run(run_dir, [c.image for c in test_cases], pred_dir, channel=channel, device=device, overwrite=True)
+    rows = metrics.evaluate_folders(pred_dir, Path(test_cases[0].label).parent, only=[c.name for c in test_cases])
+    summary = metrics.write_report(rows, Path(run_dir) / "test_metrics.csv", extra=extra)
+    print(metrics.format_summary(summary, title))
+    return summary
 
 
 # ---------------------------------------------------------------------------------------------- pictures

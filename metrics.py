@@ -357,6 +357,45 @@ def write_report(rows: list[dict], csv_path: Path, extra: dict | None = None) ->
     return summary
 
 
+def write_csv(path: Path, rows: list[dict], fields=None) -> None:
+    """A list of dicts as a CSV (columns: `fields`, or the first row's keys), written atomically."""
+    import io
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fields or list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+class CsvLog:
+    """train.py's log.csv: per-step losses and per-epoch validation, the data of Fig. 7's curves. Appended to
+    by the master process only; rows already logged survive a --resume, and rows past the last checkpoint do
+    not appear twice (truncate_after)."""
+    FIELDS = ["stage", "epoch", "step", "lr", "loss", "ce", "random", "hard", "contour", "val_dsc", "val_centre_mm",
+              "seconds"]
+
+    def __init__(self, path: Path, resume: bool):
+        self.path = Path(path)
+        if not (resume and self.path.exists()):
+            atomic_write_text(self.path, ",".join(self.FIELDS) + "\r\n")
+
+    def truncate_after(self, stage: int, step: int) -> None:
+        """At the start of a stage: drop that stage's rows logged after its last checkpoint (`step`; 0 when it
+        starts afresh), so the steps between a checkpoint and a kill are not in the log twice after --resume
+        (Fig. 7's curves and ablation.py's training time read this log)."""
+        with open(self.path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        keep = [r for r in rows if int(r["stage"]) != stage or int(r["step"]) <= step]
+        if len(keep) != len(rows):
+            write_csv(self.path, keep, self.FIELDS)
+
+    def write(self, rows: list[dict]) -> None:
+        with open(self.path, "a", newline="") as f:
+            w = csv.DictWriter(f, self.FIELDS)
+            for r in rows:
+                w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+
+
 def json_safe(obj):
     """NaN and infinities -> null: strict JSON readers reject them (an undefined aRVD is NaN)."""
     if isinstance(obj, dict):

@@ -11,6 +11,8 @@ Read this file beside Section III of the paper (../shared/paper/MetricUNet-He202
     Section III-B-3 metric_loss               Eq. 2 (triplet term + beta * positive-pair term)
                     total_loss                Eq. 3 (cross-entropy) + Eq. 4 (CE + lambda * sum_t L_metric,t)
     Section IV-D    CONFIGS / get_config      the twelve configurations of Table II, R-Sep's gradient routing
+                    row_name                  Table II's printed names ('HCP' -> 'MetricUNet-HCP')
+    (run files)     save_checkpoint, load_checkpoint   atomic writes; weights_only loads (no code runs)
 
 `import metricunet` has no side effects and needs only torch. Every sampler is a standalone function that
 uses nothing else from this file, so it can be copied into coursework alone.
@@ -23,6 +25,8 @@ Conventions used throughout:
 """
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -483,3 +487,35 @@ def poly_lr(base_lr: float, step: int, total_steps: int, power: float = 0.9) -> 
     """'Poly' decay of Section IV-B: lr = base * (1 - step/total)^power. Paper is silent on the power; 0.9 is
     the value of DeepLab (ref. [13]), where 'poly' comes from."""
     return base_lr * max(0.0, 1.0 - step / max(1, total_steps)) ** power
+
+
+def row_name(label: str) -> str:
+    """Table II's printed names: 'UNet', 'UNet++', 'R' -> 'MetricUNet-R', '++H' -> 'MetricUNet++-H'."""
+    if label in ("UNet", "UNet++"):
+        return label
+    return f"MetricUNet++-{label[2:]}" if label.startswith("++") else f"MetricUNet-{label}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints (written by train.py, read by train.py --resume, infer.py and ablation.py)
+# ----------------------------------------------------------------------------------------------------------
+
+def save_checkpoint(obj: dict, path) -> None:
+    """Write a checkpoint atomically: into a temporary file beside it, then moved into place. A crash or a full
+    disk mid-write never leaves half a file where the last good checkpoint was, so --resume always has one."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}.",
+                               suffix=".tmp")
+    os.chmod(tmp, 0o644)                   # mkstemp makes 0600; checkpoints are shared like any result
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path, device="cpu") -> dict:
+    """Our checkpoints hold only tensors and plain Python values (weights, optimiser state, step, the run's
+    arguments), so they load with weights_only=True: a file that carries code is refused, never executed."""
+    return torch.load(path, map_location=device, weights_only=True)

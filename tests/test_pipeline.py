@@ -103,8 +103,8 @@ def test_training_beats_an_untrained_network(phantom, trained_run):
     torch.manual_seed(0)
     untrained = M.build_model("HCP", width=0.125)
     dev = torch.device("cpu")
-    d_trained = train.validate_stage2(trained.eval(), crops, dev, False)[0]
-    d_untrained = train.validate_stage2(untrained.eval(), crops, dev, False)[0]
+    d_trained = infer.validate_stage2(trained.eval(), crops, dev, False)[0]
+    d_untrained = infer.validate_stage2(untrained.eval(), crops, dev, False)[0]
     assert d_trained > d_untrained + 0.4, (d_trained, d_untrained)
 
 

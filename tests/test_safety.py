@@ -125,10 +125,10 @@ def test_empty_ground_truth_gives_strict_json_and_no_warning(tmp_path):         
 
 
 def test_resume_keeps_each_logged_step_once(tmp_path):                                       # item 7
-    log = train.CsvLog(tmp_path / "log.csv", resume=False)
+    log = metrics.CsvLog(tmp_path / "log.csv", resume=False)
     log.write([dict(stage=1, epoch=1, step=s, loss=0.1) for s in (1, 2)] + [dict(stage=1, epoch=1, step=2, val_dsc=0.5)])
     log.write([dict(stage=2, epoch=1, step=s, loss=0.2) for s in range(1, 6)])   # steps 4-5: after the checkpoint
-    again = train.CsvLog(tmp_path / "log.csv", resume=True)
+    again = metrics.CsvLog(tmp_path / "log.csv", resume=True)
     again.truncate_after(2, 3)                                          # the checkpoint was at step 3
     rows = list(csv.DictReader(open(tmp_path / "log.csv")))
     assert [(r["stage"], r["step"]) for r in rows] == [("1", "1"), ("1", "2"), ("1", "2"), ("2", "1"), ("2", "2"),
