@@ -280,5 +280,130 @@ def ablation_command(a) -> str:
     return " ".join(["python ablation.py"] + [f for f in flags if f])
 
 
+# ---------------------------------------------------------------------------------------------- figures
+# `python ablation.py figures`: the paper's Fig. 6 and Fig. 7 and a Table III bar chart, drawn from the CSVs
+# above (nothing is retrained). This is the one command of the project that uses matplotlib, imported inside
+# it, so the core modules keep the card's four packages; everything else draws with infer.write_png.
+
+def figures_main(argv=None):
+    p = argparse.ArgumentParser(prog="ablation.py figures", description=(
+        "Fig. 6 (DSC/ASD against lambda, sigma and k), Fig. 7 (cross-entropy and validation DSC against steps) "
+        "and a Table III bar chart as PNGs, from the CSVs in --results (needs matplotlib)."))
+    p.add_argument("--results", default="results", help="folder with the ablation's *_cases.csv and CSVs")
+    a = p.parse_args(argv)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")                      # files only, no display
+        import matplotlib.pyplot as plt
+    except ImportError:
+        sys.exit("error: `python ablation.py figures` needs matplotlib (pip install matplotlib); "
+                 "nothing else in this project does")
+    res = Path(a.results)
+    studies = sorted(res.glob("ablation_*_cases.csv")) + sorted(res.glob("sensitivity_*_cases.csv"))
+    if not studies:
+        sys.exit(f"error: no ablation_*_cases.csv or sensitivity_*_cases.csv in {res}; run python ablation.py first")
+    written = []
+    for cases_csv in studies:
+        stem = cases_csv.name[:-len("_cases.csv")]
+        rows = read_csv(cases_csv)
+        if stem.startswith("ablation_"):
+            written.append(table3_figure(plt, rows, res / f"{stem}_table3.png", stem))
+            conv = res / f"{stem}_convergence.csv"
+            if conv.exists():
+                written.append(fig7_figure(plt, read_csv(conv), res / f"{stem}_fig7.png", stem))
+        else:
+            written.append(fig6_figure(plt, rows, res / f"{stem}_fig6.png", stem))
+    for path in written:
+        print(f"wrote {path}")
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def save_figure(plt, fig, path: Path) -> Path:
+    """PNG without the software-version stamp, so the same CSVs give the same bytes with one matplotlib."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=90, metadata={"Software": None})
+    plt.close(fig)
+    return path
+
+
+def table3_figure(plt, rows, path: Path, title: str) -> Path:
+    """Table III as bars: mean DSC and mean ASD of each row (error bars: std over test cases x seeds)."""
+    labels = list(dict.fromkeys(r["row"] for r in rows))          # in the table's order
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for ax, m, unit in zip(axes, ("DSC", "ASD"), ("", " (mm)")):
+        v = [[float(r[m]) for r in rows if r["row"] == lab] for lab in labels]
+        ax.bar(range(len(labels)), [np.mean(x) for x in v], yerr=[np.std(x) for x in v], capsize=3,
+               color=["0.6"] + ["C0"] * (len(labels) - 1))
+        ax.set_xticks(range(len(labels)), [M.row_name(lab).replace("MetricUNet", "M") for lab in labels])
+        ax.set_ylabel(m + unit)
+        if m == "DSC":
+            ax.set_ylim(max(0.0, min(np.mean(x) - np.std(x) for x in v) - 0.05), 1.0)
+    fig.suptitle(f"Table III as bars: {title} (mean ± std; M- = MetricUNet-)", fontsize=10)
+    return save_figure(plt, fig, path)
+
+
+def fig7_figure(plt, conv, path: Path, title: str) -> Path:
+    """Fig. 7: Stage-2 cross-entropy against the step (moving average over 20 steps, mean over seeds and
+    folds) and validation DSC against the epoch, one line per Table II row."""
+    labels = list(dict.fromkeys(r["row"] for r in conv))
+    fig, (ax_ce, ax_val) = plt.subplots(1, 2, figsize=(9, 3.4))
+    has_val = False
+    for i, lab in enumerate(labels):
+        mine = [r for r in conv if r["row"] == lab]
+        steps = sorted({int(r["step"]) for r in mine if r["ce"]})
+        ce = {s: np.mean([float(r["ce"]) for r in mine if r["ce"] and int(r["step"]) == s]) for s in steps}
+        y = np.convolve([ce[s] for s in steps], np.ones(20) / 20, mode="valid") if len(steps) >= 20 else []
+        style = dict(color="0.4" if i == 0 else f"C{i - 1}", label=M.row_name(lab))
+        ax_ce.plot(steps[len(steps) - len(y):], y, **style)
+        val = [r for r in mine if r["val_dsc"] and math.isfinite(float(r["val_dsc"]))]   # folds: no validation
+        epochs = sorted({int(r["epoch"]) for r in val})
+        dsc = [np.mean([float(r["val_dsc"]) for r in val if int(r["epoch"]) == e]) for e in epochs]
+        if epochs:
+            has_val = True
+            ax_val.plot(epochs, dsc, marker="o", **style)
+    ax_ce.set(xlabel="step", ylabel="cross-entropy (Eq. 3), moving average", yscale="log")
+    ax_ce.legend(fontsize=7)
+    ax_val.set(xlabel="epoch", ylabel="validation DSC")
+    if not has_val:
+        ax_val.text(0.5, 0.5, "no validation set\n(cross-validation folds)", ha="center", transform=ax_val.transAxes)
+    fig.suptitle(f"Fig. 7: convergence, {title}", fontsize=10)
+    return save_figure(plt, fig, path)
+
+
+def fig6_figure(plt, rows, path: Path, title: str) -> Path:
+    """Fig. 6 (lambda, sigma) and Table V (k): mean DSC and ASD of MetricUNet-R against each hyper-parameter,
+    the others at the paper's values (the 'R' row is every curve's paper-default point, marked with a star)."""
+    def value_of(label, name):
+        for part in label.split()[1:]:
+            k, v = part.split("=")
+            if k == name:
+                return float(v)
+        return None if " " in label else float(M.PAPER_DEFAULTS[name])
+    fig, axes = plt.subplots(2, len(SENSITIVITY), figsize=(10, 5.2))
+    for j, name in enumerate(SENSITIVITY):
+        pts = sorted({value_of(r["row"], name) for r in rows} - {None})
+        for i, m in enumerate(("DSC", "ASD")):
+            v = [[float(r[m]) for r in rows if value_of(r["row"], name) == x] for x in pts]
+            ax = axes[i, j]
+            ax.errorbar(pts, [np.mean(x) for x in v], yerr=[np.std(x) for x in v], marker="o", capsize=3)
+            default = float(M.PAPER_DEFAULTS[name])
+            if default in pts:
+                ax.plot([default], [np.mean(v[pts.index(default)])], "r*", markersize=12, label="paper default")
+            ax.set(xscale="log" if name in ("lam", "k") else "linear", ylabel=m + (" (mm)" if m == "ASD" else ""),
+                   xlabel={"lam": "lambda (Eq. 4)", "sigma": "sigma (Eq. 2)", "k": "k anchors (Table V)"}[name])
+            ax.set_xticks(pts, [f"{x:g}" for x in pts])
+            ax.minorticks_off()
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle(f"Fig. 6 / Table V: sensitivity of MetricUNet-R, {title} (mean ± std over test cases)", fontsize=10)
+    return save_figure(plt, fig, path)
+
+
 if __name__ == "__main__":
-    ablation_main(sys.argv[1:])
+    if sys.argv[1:2] == ["figures"]:
+        figures_main(sys.argv[2:])
+    else:
+        ablation_main(sys.argv[1:])

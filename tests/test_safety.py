@@ -4,6 +4,7 @@ Each test reproduces one reported fault; most use tiny hand-made NIfTI files, so
 import csv
 import json
 import math
+import sys
 import warnings
 from pathlib import Path
 
@@ -315,6 +316,49 @@ def test_ablation_argument_errors(argv, capsys):
     with pytest.raises(SystemExit) as e:
         ablation.parse_ablation_args(argv)
     assert e.value.code == 2 and "error" in capsys.readouterr().err
+
+
+def _figure_csvs(folder: Path):
+    """Small ablation and sensitivity CSVs in the layout ablation.py writes."""
+    import metrics
+    cases = [dict(DSC=0.8 + 0.05 * i + 0.02 * c, ASD=3.0 - i, HD95=9.0, HD=12.0, SEN=0.9, PPV=0.9, aRVD=5.0,
+                  case=f"c{c}/s0", image=f"c{c}", row=row, seed=0, fold="", empty_prediction=False, train_s=10.0)
+             for i, row in enumerate(["UNet", "R"]) for c in range(3)]
+    metrics.write_csv(folder / "ablation_toy_cases.csv", cases)
+    conv = [dict(row=row, seed=0, fold="", epoch=1 + s // 15, step=s, ce=1.0 / s, loss=1.0 / s, val_dsc="")
+            for row in ["UNet", "R"] for s in range(1, 31)]
+    conv += [dict(row=row, seed=0, fold="", epoch=e, step=15 * e, ce="", loss="", val_dsc=0.5 + 0.1 * e)
+             for row in ["UNet", "R"] for e in (1, 2)]
+    metrics.write_csv(folder / "ablation_toy_convergence.csv", conv)
+    sens = [dict(r, row=lab) for lab in ["R", "R lam=0.1", "R sigma=0.3", "R k=50"] for r in cases[3:]]
+    metrics.write_csv(folder / "sensitivity_toy_cases.csv", sens)
+
+
+def test_ablation_figures_are_png_files_and_reproducible(tmp_path, capsys):       # issue 12 item 2
+    pytest.importorskip("matplotlib")
+    import struct
+    import ablation
+    _figure_csvs(tmp_path)
+    ablation.figures_main(["--results", str(tmp_path)])
+    names = ["ablation_toy_table3.png", "ablation_toy_fig7.png", "sensitivity_toy_fig6.png"]
+    first = {n: (tmp_path / n).read_bytes() for n in names}
+    for n, b in first.items():
+        assert b[:8] == b"\x89PNG\r\n\x1a\n" and b[12:16] == b"IHDR"
+        w, h = struct.unpack(">II", b[16:24])
+        assert 500 < w < 1000 and 250 < h < 500 and len(b) < 300_000      # small enough to commit
+    ablation.figures_main(["--results", str(tmp_path)])
+    assert all((tmp_path / n).read_bytes() == b for n, b in first.items())   # same CSVs, same bytes
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_ablation_figures_errors_are_one_line(tmp_path, monkeypatch, capsys):
+    import ablation
+    with pytest.raises(SystemExit, match="no ablation_"):
+        ablation.figures_main(["--results", str(tmp_path)])           # nothing to draw from
+    monkeypatch.setitem(sys.modules, "matplotlib", None)                 # as if it were not installed
+    _figure_csvs(tmp_path)
+    with pytest.raises(SystemExit, match="needs matplotlib"):
+        ablation.figures_main(["--results", str(tmp_path)])
 
 
 def test_infer_allows_a_subfolder_next_to_a_single_scan_but_not_beside_it(tmp_path):
