@@ -199,6 +199,7 @@ def bench_step(args, device):
 def bench_infer(args, device):
     """One phantom case through infer.segment, per stage (untrained weights: timing only)."""
     import tempfile
+    import numpy as np
     import data
     import infer
     import metricunet as M
@@ -216,6 +217,24 @@ def bench_infer(args, device):
             crop, _ = data.crop_around(prep.image, data.label_centre(prep.label))
             t2 = timed(lambda: infer.predict_volume(s2, crop, 3, device), device)
             print(f"  width {width}: stage 1 {t1:.2f} s, stage 2 (128 slices of 128x128) {t2:.2f} s")
+        # Channels-last (what infer.load_models uses) against the default layout: Stage 2 at Table I width on
+        # the first 32 slices of the crop, the same weights, interleaved rounds so that drift hits both alike.
+        torch.manual_seed(0)
+        plain = M.build_model("HCP", width=1.0).to(device).eval()
+        last = M.build_model("HCP", width=1.0).to(device).eval()
+        last.load_state_dict(plain.state_dict())
+        last = last.to(memory_format=torch.channels_last)
+        part = crop[:, :, :32]
+        times = {"default layout": [], "channels-last": []}
+        for _ in range(max(3, args.repeats // 2)):
+            for name, model in (("default layout", plain), ("channels-last", last)):
+                times[name].append(timed(lambda: infer.predict_volume(model, part, 3, device), device))
+        same = np.abs(infer.predict_volume(plain, part, 3, device) - infer.predict_volume(last, part, 3, device)).max()
+        med = {k: statistics.median(v) for k, v in times.items()}
+        for name, t in med.items():
+            print(f"  stage 2, width 1.0, 32 slices, {name:>14}: median {t:.2f} s over {len(times[name])} rounds")
+        print(f"  channels-last: {100 * (med['channels-last'] / med['default layout'] - 1):+.1f} % time; "
+              f"largest probability difference {same:.1e}")
 
 
 def main(argv=None):

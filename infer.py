@@ -44,7 +44,10 @@ def load_models(run_dir, device):
         except Exception as e:  # truncated, garbage, foreign or code-carrying files all end here
             raise ValueError(f"{path}: not a valid or trusted train.py checkpoint ({type(e).__name__}); it was not "
                              f"loaded. Use the run folder train.py wrote, or retrain") from None
-        models.append(model.to(device).eval())
+        # channels-last memory layout: the same weights, stored pixel by pixel; oneDNN's convolutions run
+        # faster on it (bench.py infer: Stage 2 at Table I width ~19 % faster on 2 CPU cores, outputs equal
+        # to 1e-7). Inference only: training measured 9 % slower with it, so train.py leaves it alone.
+        models.append(model.to(device).eval().to(memory_format=torch.channels_last))
         if stage == 1:                      # how Stage 1 saw its input (it may come from another run)
             stage1_antialias = bool(a.get("stage1_antialias", False))
     return models[0], models[1], dict(ck["args"], stage1_antialias=stage1_antialias)
@@ -53,11 +56,14 @@ def load_models(run_dir, device):
 @torch.inference_mode()
 def predict_volume(model, volume_u8, n_slices, device, chunk=8, amp=False):
     """Whole-slice inference without patch voting (Section IV-B): prostate probability, same shape.
-    Under inference_mode (no autograd bookkeeping at all, a little faster than no_grad)."""
+    Under inference_mode (no autograd bookkeeping at all, a little faster than no_grad). A model stored
+    channels-last (load_models) gets its input in the same layout, so no convolution converts it."""
     x = data.slices_25d(volume_u8, n_slices)
     out = np.empty((x.shape[0],) + x.shape[2:], np.float32)
+    first = next(p for p in model.parameters() if p.dim() == 4)
+    layout = torch.channels_last if first.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
     for i in range(0, len(x), chunk):
-        xb = torch.from_numpy(x[i:i + chunk]).to(device)
+        xb = torch.from_numpy(x[i:i + chunk]).to(device).contiguous(memory_format=layout)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
             logits, _ = model(xb)
         out[i:i + chunk] = torch.softmax(logits.float(), 1)[:, 1].cpu().numpy()
