@@ -5,6 +5,7 @@ convergence curves, and the sensitivity study of Fig. 6 (lambda, sigma) and Tabl
     python ablation.py --data ../shared/data/msd-prostate-subset --channel T2   # the same on MRI, leave-one-out
     python ablation.py --study sensitivity               # Fig. 6 and Table V for MetricUNet-R
     python ablation.py --rows UNet,HCP --preset paper    # other rows, the paper's width (a GPU's work)
+    python ablation.py figures                           # Fig. 6, Fig. 7, Table III bars -> results/*.png
 
 Each run is `train.main` with the flags a row needs; results/ gets the tables (markdown), per-case CSVs and the
 Fig. 7 curves. Finished runs are kept in --runs and skipped, so a killed ablation continues where it stopped and
