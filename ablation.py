@@ -38,11 +38,18 @@ import metricunet as M
 import metrics
 from train import PRESETS, fmt_time, main as train_main
 
+# Table III's rows that isolate one sampling strategy each (R, H, C) plus the full method (HCP), against the
+# plain UNet baseline. Table II has twelve rows; these five answer the paper's main ablation question ("does each
+# sampler help on its own, and do they add up?") in an hour on 2 CPU cores. Any row can be named with --rows.
 ABLATION_ROWS = ("UNet", "R", "H", "C", "HCP")
+# Fig. 6 sweeps lambda (Eq. 4) and sigma (Eq. 2); Table V sweeps k, the anchors per image. One value changes at a
+# time, the others stay at the paper's (PAPER_DEFAULTS), as in the paper.
 SENSITIVITY = {"lam": (0.1, 0.01, 0.001), "sigma": (0.1, 0.3, 0.5, 0.7, 1.0), "k": (20, 50, 100, 200)}
 
 
 def parse_ablation_args(argv=None):
+    """The command line of the rows study and the sensitivity study. A bad row name or preset is a one-line
+    argparse error before anything runs; the defaults reproduce the committed tables in results/."""
     p = argparse.ArgumentParser(prog="ablation.py", description=(
         "Table II rows x seeds (Tables III-IV, Fig. 7) or the sensitivity study (Fig. 6, Table V) -> results/. "
         "Finished runs are kept in --runs and skipped, so a killed ablation continues where it stopped."))
@@ -82,14 +89,21 @@ def ablation_jobs(a):
 
 def patches_per_image(preset: str, stage: int, n_train: int) -> int:
     """Patches per image such that an epoch holds as many patches as the preset gives its own phantom's
-    training split (ablation preset: 14 cases x 40 = 560 in Stage 2), so a 4-case MRI fold trains as long."""
+    training split (ablation preset: 14 cases x 40 = 560 in Stage 2), so a 4-case MRI fold trains as long.
+    Paper is silent (it has 339 training CTs and 500 patches each); with so few images, equal steps per run
+    matter more than equal patches per image, or the smaller data set would also be the shorter training."""
     p = PRESETS[preset]
     n_ref = len(data.split_cases([str(i) for i in range(p["phantom_cases"])])[0])
     return math.ceil((p["patches"] if stage == 2 else p["stage1_patches"]) * n_ref / n_train)
 
 
 def run_once(run_dir: Path, argv: list[str]):
-    """One train.py run into run_dir, resumed if it was interrupted; its wall time is kept beside it."""
+    """One train.py run into run_dir, resumed if it was interrupted; its wall time is kept beside it.
+
+    ablation_job.json is the "finished" marker, written atomically after train.main returns: a run folder
+    without it is unfinished (killed mid-run) and continues with --resume from its last epoch checkpoint, to
+    the same result as an uninterrupted run. The stored wall time is what the report sums, so a table rebuilt
+    from kept runs states the time the runs took, not the seconds the rebuild took."""
     done = run_dir / "ablation_job.json"
     if done.exists():
         return json.loads(done.read_text())["wall_s"]
@@ -102,7 +116,11 @@ def run_once(run_dir: Path, argv: list[str]):
 
 def training_seconds(log_csv: Path, stage: int = 2) -> float:
     """Seconds spent in training steps, validation excluded, from log.csv: for each epoch, the time of its last
-    step minus the end of the previous epoch (step rows carry the time of their flush)."""
+    step minus the end of the previous epoch (step rows carry the time of their flush).
+
+    Section IV-D compares training time ("less than 10 % additional training time"); validation runs whole
+    volumes through the network and costs the same for every row, so leaving it out shows the cost of the
+    metric module itself. Per-step medians from bench.py are the finer measurement; this one is per run."""
     with open(log_csv) as f:
         rows = [r for r in csv.DictReader(f) if r["stage"] == str(stage)]
     total, prev_end = 0.0, 0.0
@@ -115,7 +133,9 @@ def training_seconds(log_csv: Path, stage: int = 2) -> float:
 
 
 def read_case_rows(run_dir: Path, label: str, seed: int, fold: int | None) -> list[dict]:
-    """test_metrics.csv of one run, as metric dicts keyed by 'case/seed' so paired tests pair like with like."""
+    """test_metrics.csv of one run, as metric dicts keyed by 'case/seed' so paired tests pair like with like.
+    Table IV's paired t-test needs the same image under the same conditions in both rows: with one Stage 1 per
+    seed shared by all rows, 'case/seed' names exactly one crop, so a pair differs only in its Stage 2."""
     with open(run_dir / "test_metrics.csv") as f:
         rows = list(csv.DictReader(f))
     train_s = training_seconds(run_dir / "log.csv")
@@ -130,6 +150,12 @@ def read_case_rows(run_dir: Path, label: str, seed: int, fold: int | None) -> li
 
 
 def ablation_main(argv=None):
+    """Run (or continue) a study, then write its table, per-case CSV and convergence CSV into --results.
+
+    The input data set is read only; --results, --runs and --cache may not lie inside it. Without --data a
+    20-case phantom is generated once (seed 0) and reused. Folds: leave-one-out when there are fewer than 10
+    cases (the 5-case MRI subset), otherwise the fixed 70/10/20 split with 3 seeds. Because finished runs are
+    skipped, running the same command again rewrites the tables byte for byte from the kept runs."""
     a = parse_ablation_args(argv)
     root = Path(a.data) if a.data else Path(a.phantom_dir or f"phantom-{a.preset}")
     for what, path in (("--results", a.results), ("--runs", a.runs), ("--cache", a.cache)):   # inputs stay untouched
@@ -172,6 +198,8 @@ def run_ablation_grid(a, root, dataset, names, jobs, seeds, folds):
     case_rows, curves, wall = [], [], 0.0
     a.stage1_rows = []
     for fold in (range(folds) if folds else [None]):
+        # Section IV-D varies Stage 2 only: one Stage 1 per (fold, seed), trained first and copied into every
+        # row's run (--stage1-from), so all rows of a seed are scored through the very same crops.
         n_train = len(data.split_cases(names, 0, fold=fold, folds=folds)[0])
         fold_flags = ["--folds", str(folds), "--fold", str(fold)] if folds else []
         for seed in seeds:
@@ -194,7 +222,10 @@ def run_ablation_grid(a, root, dataset, names, jobs, seeds, folds):
 
 
 def convergence_rows(log_csv: Path, label, seed, fold):
-    """Fig. 7: per-step cross-entropy and per-epoch validation DSC of Stage 2."""
+    """Fig. 7: per-step cross-entropy and per-epoch validation DSC of Stage 2. The paper plots the loss curves
+    of UNet and MetricUNet to show that the metric term speeds up convergence; cross-entropy (Eq. 3) is the
+    part every row shares, so it is the curve that compares rows fairly (the total loss of a metric row also
+    holds lambda * L_metric)."""
     with open(log_csv) as f:
         return [dict(row=label, seed=seed, fold="" if fold is None else fold, epoch=r["epoch"], step=r["step"],
                      ce=r["ce"], loss=r["loss"], val_dsc=r["val_dsc"])
@@ -203,7 +234,11 @@ def convergence_rows(log_csv: Path, label, seed, fold):
 
 def ablation_report(a, dataset, jobs, rows, seeds, folds, n_cases, wall) -> str:
     """Markdown: Table III layout (+ HD95, aRVD), Table IV-style paired p-values vs the first row, the training
-    time of each row against it, and the DSC of each seed apart."""
+    time of each row against it, and the DSC of each seed apart.
+
+    Everything in it comes from the kept runs (no clock, no host name beyond the machine's kind), so the same
+    runs always give the same bytes. The per-seed table is there because the t-test cannot see it: 4 test
+    images x 3 seeds are 12 pairs but not 12 independent patients, and one unconverged seed can carry a mean."""
     import platform
     labels = [j[0] for j in jobs]
     by = {lab: [r for r in rows if r["row"] == lab] for lab in labels}
@@ -271,7 +306,8 @@ def ablation_report(a, dataset, jobs, rows, seeds, folds, n_cases, wall) -> str:
 
 
 def ablation_command(a) -> str:
-    """The command line that regenerates a table, flags at their defaults left out."""
+    """The command line that regenerates a table, flags at their defaults left out: printed at the table's top,
+    so a reader knows exactly what to run to check or extend it."""
     flags = [f"--data {a.data} --channel {a.channel}" if a.data else "",
              "--study sensitivity" if a.study == "sensitivity" else "",
              f"--rows {a.rows}" if a.study == "rows" and a.rows != ",".join(ABLATION_ROWS) else "",
@@ -287,6 +323,10 @@ def ablation_command(a) -> str:
 # it, so the core modules keep the card's four packages; everything else draws with infer.write_png.
 
 def figures_main(argv=None):
+    """Draw every figure the CSVs in --results allow: for each rows study a Table III bar chart and Fig. 7;
+    for each sensitivity study Fig. 6 with Table V's k beside it. Missing matplotlib or missing CSVs are one
+    line each. Figures are written beside the tables they illustrate, replacing older ones (they are outputs of
+    this command, like the tables)."""
     p = argparse.ArgumentParser(prog="ablation.py figures", description=(
         "Fig. 6 (DSC/ASD against lambda, sigma and k), Fig. 7 (cross-entropy and validation DSC against steps) "
         "and a Table III bar chart as PNGs, from the CSVs in --results (needs matplotlib)."))
@@ -319,6 +359,7 @@ def figures_main(argv=None):
 
 
 def read_csv(path: Path) -> list[dict]:
+    """A CSV as a list of dicts of strings (the figure code converts what it plots)."""
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
 
@@ -332,7 +373,9 @@ def save_figure(plt, fig, path: Path) -> Path:
 
 
 def table3_figure(plt, rows, path: Path, title: str) -> Path:
-    """Table III as bars: mean DSC and mean ASD of each row (error bars: std over test cases x seeds)."""
+    """Table III as bars: mean DSC and mean ASD of each row (error bars: std over test cases x seeds). UNet,
+    the baseline every p-value is taken against, is grey; the metric rows are blue. The DSC axis starts just
+    below the lowest bar's error bar, so differences of a few hundredths stay visible."""
     labels = list(dict.fromkeys(r["row"] for r in rows))          # in the table's order
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for ax, m, unit in zip(axes, ("DSC", "ASD"), ("", " (mm)")):
@@ -349,7 +392,8 @@ def table3_figure(plt, rows, path: Path, title: str) -> Path:
 
 def fig7_figure(plt, conv, path: Path, title: str) -> Path:
     """Fig. 7: Stage-2 cross-entropy against the step (moving average over 20 steps, mean over seeds and
-    folds) and validation DSC against the epoch, one line per Table II row."""
+    folds) and validation DSC against the epoch, one line per Table II row. Cross-entropy is drawn on a log
+    axis, as the interesting part is late training where the curves separate by a factor, not an offset."""
     labels = list(dict.fromkeys(r["row"] for r in conv))
     fig, (ax_ce, ax_val) = plt.subplots(1, 2, figsize=(9, 3.4))
     has_val = False

@@ -8,6 +8,15 @@ repeated and interleaved, and prints medians and their ratio. Not a test; nothin
     python bench.py infer            # one phantom case through Stage 1 + Stage 2 (paper width and CPU preset)
     python bench.py all
 Add --device cuda on a GPU machine.
+
+How to read the numbers. A 2-core CPU is a noisy instrument: the same step can take 3-6 % longer from one
+round to the next (other processes, frequency scaling, the allocator). So nothing is timed once: each entry
+warms up first (lazy initialisation, oneDNN kernel selection, DataLoader worker start-up), then times the
+variants it compares in alternation, round after round, and reports medians. A drift of the machine then
+slows both variants alike and cancels in their ratio. Where it matters, an A/A pair (the same thing timed
+twice under two names) shows the noise floor: a difference smaller than that is not a measurement.
+Each entry also prints what it checks besides time (identical metric values, equal probabilities), because
+a faster result that differs is not an optimisation.
 """
 import argparse
 import statistics
@@ -17,6 +26,8 @@ import torch
 
 
 def timed(fn, device):
+    """Wall time of one call. On CUDA, kernels run asynchronously, so the device is synchronised before the
+    clock starts and before it stops; otherwise the time would be that of queueing the work, not doing it."""
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -27,7 +38,12 @@ def timed(fn, device):
 
 
 def bench_model(args, device):
-    """Section IV-D: "MetricUNet-HP only takes less than 10% additional training time compared with U-Net"."""
+    """Section IV-D: "MetricUNet-HP only takes less than 10% additional training time compared with U-Net".
+
+    A whole SGD step (forward, Eq. 4, backward, update) of UNet and of the chosen row on the same batch,
+    interleaved, plus an identical second UNet for the noise floor. The metric branch adds no weights, so
+    the difference is the samplers, Eq. 2 and the extra backward through conv6d; the second measurement
+    times just those on fixed network outputs, which is the overhead without the network's own noise."""
     import metricunet as M
     torch.manual_seed(0)
     N, H = args.batch, 64
@@ -84,7 +100,10 @@ def bench_model(args, device):
 
 def bench_metrics(args, device):
     """metrics.evaluate (every metric, counts and transforms inside the masks' union box) against the same
-    metrics over the whole volume, on a CT-sized pair: 512x512x160 at 0.93x0.93x2.5 mm, prostate-sized object."""
+    metrics over the whole volume, on a CT-sized pair: 512x512x160 at 0.93x0.93x2.5 mm, prostate-sized object.
+    The prostate fills about 0.05 % of such a volume, so the Euclidean distance transforms behind ASD and HD95
+    (Eq. 6, 8) spend almost all their time far from any surface; cropping to the masks' union box (plus a
+    margin) gives the same distances. The values of both are printed, and must be identical."""
     import numpy as np
     import metrics
     sp = np.array([0.93, 0.93, 2.5])
@@ -108,11 +127,16 @@ def bench_metrics(args, device):
 
 
 def bench_loader(args, device):
-    """The Stage-2 loader (128^3 crops, 64x64x3 patches) vs what a training step consumes at batch 30."""
+    """The Stage-2 loader (128^3 crops, 64x64x3 patches) vs what a training step consumes at batch 30.
+    The loader must never starve the model: patches per second delivered (with 0 and 2 workers, with and
+    without augmentation) against patches per second a training step uses at Table I width and at the CPU
+    preset's. As long as the first number is well above the second, data loading is not the bottleneck."""
     import numpy as np
     from torch.utils.data import DataLoader
     import data
     import metricunet as M
+    # Eight random 128^3 crops with a box-shaped "prostate": the loader's work depends on shapes and the
+    # patch recipe, not on image content, so synthetic volumes measure it fairly and need no data on disk.
     rng = np.random.default_rng(0)
     vols = [rng.integers(0, 255, (128, 128, 128), dtype=np.uint8) for _ in range(8)]
     labs = [np.zeros((128, 128, 128), np.uint8) for _ in range(8)]
@@ -129,6 +153,7 @@ def bench_loader(args, device):
                     break
             print(f"  loader, {workers} workers, augment {'on ' if augment else 'off'}: "
                   f"{n / (time.perf_counter() - t0):9.0f} patches/s")
+    # What a training step consumes: batch / (time of one HCP step), at --width and at the CPU preset's 0.25.
     for width in (args.width, 0.25):
         model = M.build_model("HCP", width=width).to(device)
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -163,6 +188,9 @@ def bench_step(args, device):
         lab[44:84, 50:80, 46:81] = 1
     import train
     cfg = M.get_config("HCP")
+    # Both variants read the presets' own settings (train.PAPER_STRICT, train.SMALL_DATA), so this bench follows
+    # the presets if they change. Each variant has its own loader with persistent workers: the 2 workers of
+    # both share the 2 cores with the step, as in a real run, and a step includes waiting for its batch.
     variants = {name: (d["augment"], d["hard_negatives"])            # Stage 2's additions, as the presets set them
                 for name, d in (("paper (no additions)", train.PAPER_STRICT), ("small-data additions", train.SMALL_DATA))}
     runs = {}
@@ -182,6 +210,8 @@ def bench_step(args, device):
             loss.backward()
             opt.step()
         runs[name] = step
+    # Rounds of 5 steps per variant, alternating: a single step is too short to time against the loader's
+    # bursts (a worker finishes a batch every few steps), 5 steps average over one such cycle.
     times = {name: [] for name in runs}
     for name, fn in runs.items():                          # warm-up: workers started, first batches made
         for _ in range(3):
@@ -197,7 +227,9 @@ def bench_step(args, device):
 
 
 def bench_infer(args, device):
-    """One phantom case through infer.segment, per stage (untrained weights: timing only)."""
+    """One phantom case through infer.segment, per stage (untrained weights: timing only), then the memory
+    layout question of issue 12: the same Stage-2 weights stored channels-last (pixel by pixel) against the
+    default layout. oneDNN's CPU convolutions prefer channels-last; the check is whether the outputs agree."""
     import tempfile
     import numpy as np
     import data
@@ -209,6 +241,9 @@ def bench_infer(args, device):
         t0 = time.perf_counter()
         prep = data.preprocess(case)
         print(f"  preprocessing {prep.image.shape} at 1 mm: {time.perf_counter() - t0:.2f} s")
+        # Stage 1 reads the small 1/4-size body image; Stage 2 reads 128 whole 128x128 slices of the crop, which
+        # is where inference time goes. Both at the paper's width (Table I; 32 Stage-1 filters) and at the CPU
+        # preset's (0.25; 16 filters).
         for width, filters in ((1.0, 32), (0.25, 16)):
             s1 = M.LightUNet(5, filters=filters).to(device).eval()
             s2 = M.build_model("HCP", width=width).to(device).eval()
@@ -238,6 +273,8 @@ def bench_infer(args, device):
 
 
 def main(argv=None):
+    """Run the chosen entries. Arguments are checked first (a one-line argparse error, never a traceback):
+    --batch and --width shape the model entries, --repeats the number of interleaved rounds."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", nargs="?", default="all", choices=["model", "metrics", "loader", "step", "infer", "all"])
     p.add_argument("--device", default="cpu")

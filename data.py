@@ -226,6 +226,8 @@ def resample_label(label: np.ndarray, spacing, new_spacing: float = SPACING_MM) 
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 6-connected component of a mask (the body for body_box; the prostate for infer.py's
+    Stage-1 centre and its optional --largest-component). An empty mask is returned as it is."""
     lab, n = ndimage.label(mask)
     if n == 0:
         return mask
@@ -337,6 +339,8 @@ def preprocess(case: Case, need_label: bool = True, log=None) -> Prepared:
 
 
 def resample_shape(shape, spacing, new_spacing: float = SPACING_MM):
+    """Voxels per axis after resampling to new_spacing, keeping the first voxel centre and never reaching past
+    the last one (so the 1-mm grid lies inside the input's field of view; 1e-6 absorbs float round-off)."""
     return tuple(int(math.floor((n - 1) * s / new_spacing + 1e-6)) + 1 for n, s in zip(shape, spacing))
 
 
@@ -380,6 +384,7 @@ def prepare_cases(cases: list[Case], cache_dir, need_label: bool = True, log=pri
 
 
 def _stamp(path):
+    """(size, mtime) of a source file: part of the cache key, so an edited or replaced scan is preprocessed again."""
     if path is None:
         return None
     st = Path(path).stat()
@@ -463,6 +468,8 @@ def stage1_pair(p: Prepared, antialias: bool = False):
 # ---------------------------------------------------------------------------------------------- Stage 2
 
 def label_centre(label: np.ndarray) -> np.ndarray:
+    """Centroid of the prostate voxels, in voxels of the 1-mm grid: the ground-truth centre of Stage 2's
+    training crops and the reference that Stage 1's centre error is measured against."""
     return np.argwhere(label > 0).mean(0)
 
 

@@ -28,7 +28,8 @@ import metricunet as M
 
 def load_models(run_dir, device):
     """The best Stage-1 and Stage-2 checkpoints of a run (weights_only: no pickle code is executed), and the
-    Stage-2 run's arguments with Stage 1's own stage1_antialias."""
+    Stage-2 run's arguments with Stage 1's own stage1_antialias. Each network is rebuilt from the sizes its
+    checkpoint records (filters, config, width), so any run folder of any preset loads without flags."""
     run = Path(run_dir)
     models = []
     for stage in (1, 2):
@@ -98,14 +99,19 @@ def segment(prep: data.Prepared, stage1, stage2, device, log=print, largest_comp
             stage1_antialias=False):
     """One preprocessed case -> (prostate probability on the 1-mm body crop, centre used).
     stage1_antialias: down-sample as the run's Stage 1 was trained (train.py --stage1-antialias)."""
+    # Section III-A: Stage 1 sees the whole body at 1/4 size, 5 slices at a time, and only has to say where
+    # the prostate is; its centre is averaged with the femoral-head reference centre (CT).
     img1, _ = data.stage1_pair(prep, antialias=stage1_antialias)
     p1 = predict_volume(stage1, img1, 5, device)
     centre = prostate_centre(prep.meta["reference_centre"], stage1_centre(p1), prep.image.shape, log, prep.name)
+    # Section III-B: Stage 2 segments the 128^3 crop at 1 mm around that centre, 3 slices at a time. The crop
+    # is padded past the body's edge, so a centre near the border still gives a full-size input.
     crop, start = data.crop_around(prep.image, centre, data.CROP_SIZE)
     p2 = predict_volume(stage2, crop, 3, device)
     if largest_component:                      # optional; the paper uses no post-processing
         keep = data.largest_component(p2 > 0.5)
         p2 = np.where(keep | (p2 <= 0.5), p2, 0.0)
+    # the crop's probabilities pasted back into the body crop (zero outside), clipped where the crop overhangs
     prob = np.zeros(prep.image.shape, np.float32)
     src = tuple(slice(max(s, 0), min(s + data.CROP_SIZE, n)) for s, n in zip(start, prep.image.shape))
     dst = tuple(slice(a.start - s, a.stop - s) for a, s in zip(src, start))
@@ -204,7 +210,8 @@ def write_png(path: Path, rgb: np.ndarray) -> None:
 
 
 def contour_of(mask2d: np.ndarray) -> np.ndarray:
-    """The inner boundary of a 2-D mask (mask minus its 4-connected erosion)."""
+    """The inner boundary of a 2-D mask (mask minus its 4-connected erosion): a one-pixel line drawn inside
+    the object, so prediction and ground truth contours lie on the voxels that each mask actually holds."""
     from scipy import ndimage
     return mask2d & ~ndimage.binary_erosion(mask2d)
 
@@ -250,11 +257,14 @@ def overlay_figure(image: np.ndarray, prob: np.ndarray, gt=None, n_slices: int =
 
 
 def output_path(out_dir: Path, case: str, suffix: str = "") -> Path:
+    """OUT/CASE.nii.gz (the mask, named like the input case so metrics.py pairs it with its label)."""
     return out_dir / f"{case}{suffix}.nii.gz"
 
 
 def save_like(array, reference_img, path: Path, dtype):
-    """NIfTI with the input's affine and its sform/qform codes; written to a temporary name, then renamed."""
+    """NIfTI with the input's affine and its sform/qform codes; written to a temporary name, then renamed.
+    The input's header is copied so that a viewer overlays the mask on the scan exactly (same grid, same
+    orientation, same codes); scaling is reset to 1/0 because a mask's values are labels, not intensities."""
     import nibabel as nib
     hdr = reference_img.header.copy()
     img = nib.Nifti1Image(array.astype(dtype), reference_img.affine, hdr)
@@ -304,6 +314,8 @@ def protected_folders(in_paths, input_arg=None) -> tuple:
 
 
 def check_output_folder(out_dir: Path, protected: tuple, what: str = "output folder") -> None:
+    """Refuse an output folder inside a protected tree, or equal to a protected folder (README, "Safety"):
+    masks named like the inputs must never land beside, or replace, the scans or labels they came from."""
     trees, folders = protected
     o = Path(out_dir).resolve()
     for f in sorted(trees | folders):
@@ -333,7 +345,8 @@ def resolve_channel(path: Path, channel, log=print) -> int:
 
 
 def ground_truth_for(gt, name: str):
-    """--gt: a label file (one input), or a folder / data set root in which the case's label is found."""
+    """--gt: a label file (one input), or a folder / data set root in which the case's label is found. Used
+    only for the pictures (green contour); a case without a label is drawn without one."""
     if gt is None:
         return None
     import metrics
@@ -355,6 +368,9 @@ def run(run_dir, inputs, out_dir, channel="0", device=None, save_prob=False, lar
     check_output_folder(out_dir, protected)
     if png_dir is not None:
         check_output_folder(Path(png_dir), protected, "--png folder")
+    # Output names follow the input cases (nnU-Net's CASE_0000 channel suffix dropped), so that metrics.py
+    # finds each mask's label by name. Every file this run would write is listed first: if any exists and
+    # --overwrite was not given, the run stops before doing any work, rather than after the first hour.
     names = []
     for path in in_paths:
         name = data.case_name(path)
@@ -374,6 +390,8 @@ def run(run_dir, inputs, out_dir, channel="0", device=None, save_prob=False, lar
                 Path(folder).mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise ValueError(f"cannot create {folder}: {e.strerror}") from None
+    # One case at a time: preprocess (Section IV-B), both stages (segment), back onto the input's own grid
+    # (the inverse of the body crop and the 1-mm resampling), then write with the input's affine and header.
     written, t0 = [], time.time()
     for i, (path, name) in enumerate(zip(in_paths, names), 1):
         target = output_path(out_dir, name)
@@ -400,6 +418,9 @@ def run(run_dir, inputs, out_dir, channel="0", device=None, save_prob=False, lar
 
 
 def main(argv=None):
+    """The command line. User errors (missing files, bad channels, protected or occupied outputs, a bad
+    checkpoint) are one line on stderr and exit code 2. Output folders and existing files are checked before
+    the first case is read; a case that fails to load later stops the run with the earlier masks complete."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir")
     p.add_argument("input", help="NIfTI file or folder")
