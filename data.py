@@ -568,13 +568,20 @@ class PatchDataset:
     fraction `fg_fraction` of patches (default 1/3, nnU-Net's foreground oversampling) is centred on a random
     prostate voxel, the rest are uniform over the volume, because the prostate fills about 3 % of a 128^3 crop.
 
+    fp_fraction (paper is silent; train.py --fp-patches): that share of the background patches is centred instead
+    on a voxel the network itself called prostate in its own training crop after the last epoch (set_fp_voxels).
+    Uniform background patches show the network mostly fat and muscle; the look-alikes it gets wrong (rectal
+    content, the bladder wall) are few, so this is hard-example mining at the patch level, the counterpart of
+    Section III-B-2's focal-hard negatives at the voxel level. With 0 no extra random number is drawn: the patches
+    are exactly the ones without it.
+
     augment ('off', 'spatial' or 'all'; paper is silent, see AUGMENT) transforms each patch on the fly, from its own few slices only
     (no full-volume work per step). An index past len(self) means epoch (i // len) of patch (i % len): the
     patch stays the same, its augmentation is drawn from (seed, patch, epoch), so every epoch sees a new,
     reproducible variant (EpochIndexSampler adds epoch * len to the indices)."""
 
     def __init__(self, images, labels, patch: int = 64, n_slices: int = 3, patches_per_image: int = 500,
-                 fg_fraction: float = 1 / 3, seed: int = 0, augment: str = "off"):
+                 fg_fraction: float = 1 / 3, seed: int = 0, augment: str = "off", fp_fraction: float = 0.0):
         augment = {False: "off", True: "all"}.get(augment, augment)
         if augment not in ("off", "spatial", "all"):
             raise ValueError(f"augment must be 'off', 'spatial' or 'all', got {augment!r}")
@@ -585,6 +592,14 @@ class PatchDataset:
         self.fg = [np.argwhere(lab > 0) for lab in self.labels]
         self.patch, self.n_slices, self.per_image = patch, n_slices, patches_per_image
         self.fg_fraction, self.seed, self.augment = fg_fraction, seed, augment
+        self.fp_fraction, self.fp = fp_fraction, [np.zeros((0, 3), np.int64)] * len(self.images)
+
+    def set_fp_voxels(self, voxels):
+        """The network's false-positive voxels, one (N, 3) array of (x, y, z) per image (train.mine_false_positives).
+        DataLoader workers copy the data set when they start, so the loader must not keep persistent workers."""
+        if len(voxels) != len(self.images):
+            raise ValueError(f"need one false-positive array per image ({len(self.images)}), got {len(voxels)}")
+        self.fp = [np.asarray(v, np.int64).reshape(-1, 3) for v in voxels]
 
     @staticmethod
     def _pad(v, patch):
@@ -601,8 +616,14 @@ class PatchDataset:
         img, lab, fg = self.images[v], self.labels[v], self.fg[v]
         rng = np.random.default_rng((self.seed, i))
         P, half = self.patch, self.n_slices // 2
+        centre = None
         if len(fg) and rng.random() < self.fg_fraction:
-            c = fg[rng.integers(len(fg))]
+            centre = fg[rng.integers(len(fg))]
+        elif self.fp_fraction and rng.random() < self.fp_fraction and len(self.fp[v]):
+            # a false-positive patch: which of the network's mistakes is drawn afresh each epoch
+            centre = self.fp[v][np.random.default_rng((self.seed, i, epoch, 2)).integers(len(self.fp[v]))]
+        if centre is not None:
+            c = centre
             x0 = int(np.clip(c[0] - P // 2 + rng.integers(-P // 4, P // 4 + 1), 0, img.shape[0] - P))
             y0 = int(np.clip(c[1] - P // 2 + rng.integers(-P // 4, P // 4 + 1), 0, img.shape[1] - P))
             z = int(c[2])

@@ -52,7 +52,7 @@ def test_ddp_two_ranks(phantom, tmp_path):
     probe.mkdir()
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
                         "tests/ddp_probe.py", "--data", str(root), "--cache", str(cache), "--out", str(out),
-                        "--stage", "2", "--epochs2", "1", "--patches", "24", "--no-test", *TINY],
+                        "--stage", "2", "--epochs2", "2", "--patches", "24", "--fp-patches", "0.5", "--no-test", *TINY],
                        cwd=ROOT, env=dict(os.environ, PROBE_DIR=str(probe), OMP_NUM_THREADS="1"),
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
@@ -66,7 +66,7 @@ def test_ddp_two_ranks(phantom, tmp_path):
 def test_resume_after_a_crash_matches_an_uninterrupted_run(phantom, tmp_path):
     root, cache = phantom
     common = ["train.py", "--data", str(root), "--cache", str(cache), "--stage", "2", "--epochs2", "2",
-              "--patches", "16", "--no-test", *TINY]
+              "--patches", "16", "--fp-patches", "0.5", "--no-test", *TINY]       # mining on resume, too
     full = run_py(common + ["--out", str(tmp_path / "a")], timeout=300)
     assert full.returncode == 0, full.stderr[-3000:]
     crashed = run_py(common + ["--out", str(tmp_path / "b"), "--halt-after-epoch", "1"], timeout=300)
