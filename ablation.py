@@ -1,24 +1,25 @@
-"""Section IV-D's experiments at a small scale: Table II's rows compared as in Tables III and IV, Fig. 7's
-convergence curves, and the sensitivity study of Fig. 6 (lambda, sigma) and Table V (k).
+"""Section IV-D's experiments at a small scale: Table II's rows compared as in Tables III and IV,
+Fig. 7's convergence curves, and the sensitivity study of Fig. 6 (lambda, sigma) and Table V (k).
 
-    python ablation.py                                   # Tables II-IV + Fig. 7 on a 20-case phantom, 3 seeds
-    python ablation.py --data ../shared/data/msd-prostate-subset --channel T2   # the same on MRI, leave-one-out
-    python ablation.py --study sensitivity               # Fig. 6 and Table V for MetricUNet-R
-    python ablation.py --rows UNet,HCP --preset paper    # other rows, the paper's width (a GPU's work)
-    python ablation.py figures                           # Fig. 6, Fig. 7, Table III bars -> results/*.png
+    python ablation.py                                  # Tables II-IV, Fig. 7: 20-case phantom
+    python ablation.py --data Task05_Prostate --channel T2   # the same on MRI, leave-one-out
+    python ablation.py --study sensitivity              # Fig. 6 and Table V for MetricUNet-R
+    python ablation.py --rows UNet,HCP --preset paper   # other rows, the paper's width (a GPU's)
+    python figures.py                                   # Fig. 6, Fig. 7, Table III bars as PNGs
 
-Each run is `train.main` with the flags a row needs; results/ gets the tables (markdown), per-case CSVs and the
-Fig. 7 curves. Finished runs are kept in --runs and skipped, so a killed ablation continues where it stopped and
-a finished one only rewrites its tables. train.py is the training itself; this file is the harness around it.
+Each run is `train.main` with the flags a row needs; results/ gets the tables (markdown), per-case
+CSVs and the Fig. 7 curves. Finished runs are kept in --runs and skipped, so a killed ablation
+continues where it stopped and a finished one only rewrites its tables. train.py is the training
+itself; this file is the harness around it.
 
-The paper's protocol, and where it is silent (README, "Where the paper is silent"): as in the paper's
-ablation ("we construct UNet to segment on the prostate region image which is same as the proposed two-stage
-learning framework"), only Stage 2 changes between rows: one Stage 1 per seed and fold is shared by all rows,
-so every row is scored through the same crops (Stage 1 -> crop -> Stage 2 -> mask on the input grid ->
-metrics.py). Rows run innermost, so a slow spell of the machine hits all rows alike; paired t-tests pair the
-same case under the same seed (Table IV); the training-time overhead (Section IV-D-3: "less than 10 %
-additional training time") is the median over runs of the Stage-2 step time, validation left out.
-"""
+The paper's protocol, and where it is silent (NOTES.md): as in the paper's ablation ("we construct
+UNet to segment on the prostate region image which is same as the proposed two-stage learning
+framework"), only Stage 2 changes between rows: one Stage 1 per seed and fold is shared by all rows,
+so every row is scored through the same crops (Stage 1 -> crop -> Stage 2 -> mask on the input grid
+-> metrics.py). Rows run innermost, so a slow spell of the machine hits all rows alike; paired
+t-tests pair the same case under the same seed (Table IV); the training-time overhead (Section
+IV-D-3: "less than 10 % additional training time") is the median over runs of the Stage-2 step time,
+validation left out. """
 from __future__ import annotations
 
 import argparse
@@ -36,29 +37,39 @@ import torch
 import data
 import metricunet as M
 import metrics
+import phantom
 from train import PRESETS, fmt_time, main as train_main
 
-# Table III's rows that isolate one sampling strategy each (R, H, C) plus the full method (HCP), against the
-# plain UNet baseline. Table II has twelve rows; these five answer the paper's main ablation question ("does each
-# sampler help on its own, and do they add up?") in an hour on 2 CPU cores. Any row can be named with --rows.
+# Table III's rows that isolate one sampling strategy each (R, H, C) plus the full method (HCP),
+# against the plain UNet baseline. Table II has twelve rows; these five answer the paper's main
+# ablation question ("does each sampler help on its own, and do they add up?") in an hour on 2 CPU
+# cores. Any row can be named with --rows.
 ABLATION_ROWS = ("UNet", "R", "H", "C", "HCP")
-# Fig. 6 sweeps lambda (Eq. 4) and sigma (Eq. 2); Table V sweeps k, the anchors per image. One value changes at a
-# time, the others stay at the paper's (PAPER_DEFAULTS), as in the paper.
-SENSITIVITY = {"lam": (0.1, 0.01, 0.001), "sigma": (0.1, 0.3, 0.5, 0.7, 1.0), "k": (20, 50, 100, 200)}
+# Fig. 6 sweeps lambda (Eq. 4) and sigma (Eq. 2); Table V sweeps k, the anchors per image. One value
+# changes at a time, the others stay at the paper's (M.PAPER_DEFAULTS), as in the paper.
+SENSITIVITY = {"lam": (0.1, 0.01, 0.001), "sigma": (0.1, 0.3, 0.5, 0.7, 1.0),
+               "k": (20, 50, 100, 200)}
 
 
 def parse_ablation_args(argv=None):
-    """The command line of the rows study and the sensitivity study. A bad row name or preset is a one-line
-    argparse error before anything runs; the defaults reproduce the committed tables in results/."""
+    """The command line of the rows study and the sensitivity study. A bad row name or preset is a
+    one-line argparse error before anything runs; the defaults reproduce the committed tables in
+    results/."""
     p = argparse.ArgumentParser(prog="ablation.py", description=(
-        "Table II rows x seeds (Tables III-IV, Fig. 7) or the sensitivity study (Fig. 6, Table V) -> results/. "
-        "Finished runs are kept in --runs and skipped, so a killed ablation continues where it stopped."))
-    p.add_argument("--data", help="data set folder (default: a 20-case phantom generated into --phantom-dir)")
-    p.add_argument("--channel", default="0", help="channel of 4-D images, by index or name (e.g. T2)")
+        "Table II rows x seeds (Tables III-IV, Fig. 7) or the sensitivity study (Fig. 6, Table V) "
+        "-> results/. "
+        "Finished runs are kept in --runs and skipped, so a killed ablation continues where it "
+        "stopped."))
+    p.add_argument("--data",
+                   help="data set folder (default: a 20-case phantom generated into --phantom-dir)")
+    p.add_argument("--channel", default="0",
+                   help="channel of 4-D images, by index or name (e.g. T2)")
     p.add_argument("--study", default="rows", choices=["rows", "sensitivity"])
-    p.add_argument("--rows", default=",".join(ABLATION_ROWS), help="Table II rows, comma-separated; UNet first")
+    p.add_argument("--rows", default=",".join(ABLATION_ROWS),
+                   help="Table II rows, comma-separated; UNet first")
     p.add_argument("--seeds", type=int, help="seeds per row (default 3; 1 with cross-validation)")
-    p.add_argument("--folds", type=int, help="cross-validation folds (default: leave-one-out below 10 cases)")
+    p.add_argument("--folds", type=int,
+                   help="cross-validation folds (default: leave-one-out below 10 cases)")
     p.add_argument("--preset", default="ablation", choices=list(PRESETS))
     p.add_argument("--results", default="results", help="where the tables and CSVs are written")
     p.add_argument("--runs", default="runs/ablation", help="where the run folders are kept")
@@ -76,51 +87,58 @@ def parse_ablation_args(argv=None):
 
 
 def ablation_jobs(a):
-    """(label, config, extra train.py flags) per variant: Table II rows, or MetricUNet-R with one of lambda,
-    sigma, k changed (Fig. 6, Table V; the paper default is the rows study's R run, reused)."""
+    """(label, config, extra train.py flags) per variant: Table II rows, or MetricUNet-R with one of
+    lambda, sigma, k changed (Fig. 6, Table V; the paper default is the rows study's R run,
+    reused)."""
     rows = [r.strip() for r in a.rows.split(",") if r.strip()]
     if a.study == "rows":
         return [(M.get_config(r).name, M.get_config(r).name, []) for r in rows]
     jobs = [("R", "R", [])]
     for name, values in SENSITIVITY.items():
-        jobs += [(f"R {name}={v:g}", "R", [f"--{name}", str(v)]) for v in values if v != M.PAPER_DEFAULTS[name]]
+        jobs += [(f"R {name}={v:g}", "R",
+                  [f"--{name}", str(v)]) for v in values if v != getattr(M.PAPER_DEFAULTS, name)]
     return jobs
 
 
 def patches_per_image(preset: str, stage: int, n_train: int) -> int:
-    """Patches per image such that an epoch holds as many patches as the preset gives its own phantom's
-    training split (ablation preset: 14 cases x 40 = 560 in Stage 2), so a 4-case MRI fold trains as long.
-    Paper is silent (it has 339 training CTs and 500 patches each); with so few images, equal steps per run
-    matter more than equal patches per image, or the smaller data set would also be the shorter training."""
+    """Patches per image such that an epoch holds as many patches as the preset gives its own
+    phantom's training split (ablation preset: 14 cases x 40 = 560 in Stage 2), so a 4-case MRI fold
+    trains as long. Paper is silent (it has 339 training CTs and 500 patches each); with so few
+    images, equal steps per run matter more than equal patches per image, or the smaller data set
+    would also be the shorter training."""
     p = PRESETS[preset]
     n_ref = len(data.split_cases([str(i) for i in range(p["phantom_cases"])])[0])
     return math.ceil((p["patches"] if stage == 2 else p["stage1_patches"]) * n_ref / n_train)
 
 
 def run_once(run_dir: Path, argv: list[str]):
-    """One train.py run into run_dir, resumed if it was interrupted; its wall time is kept beside it.
+    """One train.py run into run_dir, resumed if it was interrupted; its wall time is kept beside
+    it.
 
-    ablation_job.json is the "finished" marker, written atomically after train.main returns: a run folder
-    without it is unfinished (killed mid-run) and continues with --resume from its last epoch checkpoint, to
-    the same result as an uninterrupted run. The stored wall time is what the report sums, so a table rebuilt
-    from kept runs states the time the runs took, not the seconds the rebuild took."""
+    ablation_job.json is the "finished" marker, written atomically after train.main returns: a run
+    folder without it is unfinished (killed mid-run) and continues with --resume from its last epoch
+    checkpoint, to the same result as an uninterrupted run. The stored wall time is what the report
+    sums, so a table rebuilt from kept runs states the time the runs took, not the seconds the
+    rebuild took."""
     done = run_dir / "ablation_job.json"
     if done.exists():
         return json.loads(done.read_text())["wall_s"]
     t0 = time.time()
     train_main(argv + ["--out", str(run_dir)] + (["--resume"] if any(run_dir.glob("stage*_last.pt")) else []))
     wall = time.time() - t0
-    metrics.atomic_write_text(done, json.dumps(dict(wall_s=wall, argv=argv), indent=1))   # "done" marker
+    # "done" marker
+    data.atomic_write_text(done, json.dumps(dict(wall_s=wall, argv=argv), indent=1))
     return wall
 
 
 def training_seconds(log_csv: Path, stage: int = 2) -> float:
-    """Seconds spent in training steps, validation excluded, from log.csv: for each epoch, the time of its last
-    step minus the end of the previous epoch (step rows carry the time of their flush).
+    """Seconds spent in training steps, validation excluded, from log.csv: for each epoch, the time
+    of its last step minus the end of the previous epoch (step rows carry the time of their flush).
 
-    Section IV-D compares training time ("less than 10 % additional training time"); validation runs whole
-    volumes through the network and costs the same for every row, so leaving it out shows the cost of the
-    metric module itself. Per-step medians from bench.py are the finer measurement; this one is per run."""
+    Section IV-D compares training time ("less than 10 % additional training time"); validation runs
+    whole volumes through the network and costs the same for every row, so leaving it out shows the
+    cost of the metric module itself. Per-step medians from bench.py are the finer measurement; this
+    one is per run."""
     with open(log_csv) as f:
         rows = [r for r in csv.DictReader(f) if r["stage"] == str(stage)]
     total, prev_end = 0.0, 0.0
@@ -133,9 +151,10 @@ def training_seconds(log_csv: Path, stage: int = 2) -> float:
 
 
 def read_case_rows(run_dir: Path, label: str, seed: int, fold: int | None) -> list[dict]:
-    """test_metrics.csv of one run, as metric dicts keyed by 'case/seed' so paired tests pair like with like.
-    Table IV's paired t-test needs the same image under the same conditions in both rows: with one Stage 1 per
-    seed shared by all rows, 'case/seed' names exactly one crop, so a pair differs only in its Stage 2."""
+    """test_metrics.csv of one run, as metric dicts keyed by 'case/seed' so paired tests pair like
+    with like. Table IV's paired t-test needs the same image under the same conditions in both rows:
+    with one Stage 1 per seed shared by all rows, 'case/seed' names exactly one crop, so a pair
+    differs only in its Stage 2."""
     with open(run_dir / "test_metrics.csv") as f:
         rows = list(csv.DictReader(f))
     train_s = training_seconds(run_dir / "log.csv")
@@ -143,35 +162,41 @@ def read_case_rows(run_dir: Path, label: str, seed: int, fold: int | None) -> li
     for r in rows:
         d = {m: float(r[m]) for m in metrics.METRICS}
         d.update(case=f"{r['case']}/s{seed}", image=r["case"], row=label, seed=seed,
-                 fold="" if fold is None else fold, empty_prediction=r.get("empty_prediction") == "True",
-                 train_s=train_s)
+                 fold="" if fold is None else fold,
+                 empty_prediction=r.get("empty_prediction") == "True", train_s=train_s)
         out.append(d)
     return out
 
 
 def ablation_main(argv=None):
-    """Run (or continue) a study, then write its table, per-case CSV and convergence CSV into --results.
+    """Run (or continue) a study, then write its table, per-case CSV and convergence CSV into
+    --results.
 
-    The input data set is read only; --results, --runs and --cache may not lie inside it. Without --data a
-    20-case phantom is generated once (seed 0) and reused. Folds: leave-one-out when there are fewer than 10
-    cases (the 5-case MRI subset), otherwise the fixed 70/10/20 split with 3 seeds. Because finished runs are
-    skipped, running the same command again rewrites the tables byte for byte from the kept runs."""
+    The input data set is read only; --results, --runs and --cache may not lie inside it. Without
+    --data a 20-case phantom is generated once (seed 0) and reused. Folds: leave-one-out when there
+    are fewer than 10 cases (the 5-case MRI subset), otherwise the fixed 70/10/20 split with 3
+    seeds. Because finished runs are skipped, running the same command again rewrites the tables
+    byte for byte from the kept runs."""
     a = parse_ablation_args(argv)
     root = Path(a.data) if a.data else Path(a.phantom_dir or f"phantom-{a.preset}")
-    for what, path in (("--results", a.results), ("--runs", a.runs), ("--cache", a.cache)):   # inputs stay untouched
-        if a.data and Path(a.data).resolve() in (Path(path).resolve(), *Path(path).resolve().parents):
-            sys.exit(f"error: {what} {path} lies inside the input data folder {a.data}; choose another")
+    # inputs stay untouched
+    for what, path in (("--results", a.results), ("--runs", a.runs), ("--cache", a.cache)):
+        if a.data and Path(a.data).resolve() in (Path(path).resolve(),
+                                                 *Path(path).resolve().parents):
+            sys.exit(f"error: {what} {path} lies inside the input data folder {a.data}; choose "
+                     f"another")
     # names of run folders and tables; a preset other than the default one gets its own, never mixed
     dataset = (root.resolve().name if a.data else "phantom") + ("" if a.preset == "ablation" else f"_{a.preset}")
     if not a.data and not (root / "dataset.json").exists():
         print(f"generating the {PRESETS[a.preset]['phantom_cases']}-case phantom in {root}/")
-        data.make_phantom(root, cases=PRESETS[a.preset]["phantom_cases"], seed=0)
+        phantom.make_phantom(root, cases=PRESETS[a.preset]["phantom_cases"], seed=0)
     try:
         names = [c.name for c in data.find_cases(root, a.channel)]
     except data.DataError as e:
         sys.exit(f"error: {e}")
     folds = a.folds or (len(names) if len(names) < 10 else None)
-    seeds = list(range(a.seeds or (1 if folds or a.study == "sensitivity" else 3)))  # sensitivity: 9 runs, 1 seed
+    # sensitivity: 9 runs, 1 seed
+    seeds = list(range(a.seeds or (1 if folds or a.study == "sensitivity" else 3)))
     jobs = ablation_jobs(a)
     t_start = time.time()
     case_rows, curves, wall = run_ablation_grid(a, root, dataset, names, jobs, seeds, folds)
@@ -180,17 +205,19 @@ def ablation_main(argv=None):
     metrics.write_csv(out / f"{stem}_cases.csv", case_rows)
     metrics.write_csv(out / f"{stem}_convergence.csv", curves)
     text = ablation_report(a, dataset, jobs, case_rows, seeds, folds, len(names), wall)
-    metrics.atomic_write_text(out / f"{stem}.md", text)
+    data.atomic_write_text(out / f"{stem}.md", text)
     print(text)
     print(f"\nwrote {out / (stem + '.md')} and its CSVs in {fmt_time(time.time() - t_start)}")
 
 
 def run_ablation_grid(a, root, dataset, names, jobs, seeds, folds):
-    """Every (fold, seed): one shared Stage 1, then each job's Stage 2 with test-split scoring. Folds, then
-    seeds outermost and jobs innermost, so a slow spell of the machine hits all rows alike.
-    Returns the per-case metric rows, the Fig. 7 curve rows and the summed wall time of the runs."""
-    base = ["--preset", a.preset, "--cache", a.cache, "--workers", str(a.workers), "--log-every", "50",
-            "--channel", a.channel] + (["--data", a.data] if a.data else ["--phantom-dir", str(root)])
+    """Every (fold, seed): one shared Stage 1, then each job's Stage 2 with test-split scoring.
+    Folds, then seeds outermost and jobs innermost, so a slow spell of the machine hits all rows
+    alike. Returns the per-case metric rows, the Fig. 7 curve rows and the summed wall time of the
+    runs."""
+    base = ["--preset", a.preset, "--cache", a.cache, "--workers", str(a.workers),
+            "--log-every", "50", "--channel", a.channel]
+    base += ["--data", a.data] if a.data else ["--phantom-dir", str(root)]
     for stage in (1, 2):
         if getattr(a, f"epochs{stage}"):
             base += [f"--epochs{stage}", str(getattr(a, f"epochs{stage}"))]
@@ -198,8 +225,9 @@ def run_ablation_grid(a, root, dataset, names, jobs, seeds, folds):
     case_rows, curves, wall = [], [], 0.0
     a.stage1_rows = []
     for fold in (range(folds) if folds else [None]):
-        # Section IV-D varies Stage 2 only: one Stage 1 per (fold, seed), trained first and copied into every
-        # row's run (--stage1-from), so all rows of a seed are scored through the very same crops.
+        # Section IV-D varies Stage 2 only: one Stage 1 per (fold, seed), trained first and copied
+        # into every row's run (--stage1-from), so all rows of a seed are scored through the very
+        # same crops.
         n_train = len(data.split_cases(names, 0, fold=fold, folds=folds)[0])
         fold_flags = ["--folds", str(folds), "--fold", str(fold)] if folds else []
         for seed in seeds:
@@ -210,7 +238,8 @@ def run_ablation_grid(a, root, dataset, names, jobs, seeds, folds):
                 "--stage1-patches", str(patches_per_image(a.preset, 1, n_train))])
             if (s1 / "stage1_test.csv").exists():
                 with open(s1 / "stage1_test.csv") as f:
-                    a.stage1_rows += [dict(r, seed=seed, fold="" if fold is None else fold) for r in csv.DictReader(f)]
+                    a.stage1_rows += [dict(r, seed=seed,
+                                           fold="" if fold is None else fold) for r in csv.DictReader(f)]
             for label, config, extra in jobs:
                 run_dir = runs / (label.replace(" ", "_").replace("=", "") + f"-{tag}")
                 wall += run_once(run_dir, base + fold_flags + extra + [
@@ -222,23 +251,24 @@ def run_ablation_grid(a, root, dataset, names, jobs, seeds, folds):
 
 
 def convergence_rows(log_csv: Path, label, seed, fold):
-    """Fig. 7: per-step cross-entropy and per-epoch validation DSC of Stage 2. The paper plots the loss curves
-    of UNet and MetricUNet to show that the metric term speeds up convergence; cross-entropy (Eq. 3) is the
-    part every row shares, so it is the curve that compares rows fairly (the total loss of a metric row also
-    holds lambda * L_metric)."""
+    """Fig. 7: per-step cross-entropy and per-epoch validation DSC of Stage 2. The paper plots the
+    loss curves of UNet and MetricUNet to show that the metric term speeds up convergence;
+    cross-entropy (Eq. 3) is the part every row shares, so it is the curve that compares rows fairly
+    (the total loss of a metric row also holds lambda * L_metric)."""
     with open(log_csv) as f:
-        return [dict(row=label, seed=seed, fold="" if fold is None else fold, epoch=r["epoch"], step=r["step"],
-                     ce=r["ce"], loss=r["loss"], val_dsc=r["val_dsc"])
+        return [dict(row=label, seed=seed, fold="" if fold is None else fold, epoch=r["epoch"],
+                     step=r["step"], ce=r["ce"], loss=r["loss"], val_dsc=r["val_dsc"])
                 for r in csv.DictReader(f) if r["stage"] == "2"]
 
 
 def ablation_report(a, dataset, jobs, rows, seeds, folds, n_cases, wall) -> str:
-    """Markdown: Table III layout (+ HD95, aRVD), Table IV-style paired p-values vs the first row, the training
-    time of each row against it, and the DSC of each seed apart.
+    """Markdown: Table III layout (+ HD95, aRVD), Table IV-style paired p-values vs the first row,
+    the training time of each row against it, and the DSC of each seed apart.
 
-    Everything in it comes from the kept runs (no clock, no host name beyond the machine's kind), so the same
-    runs always give the same bytes. The per-seed table is there because the t-test cannot see it: 4 test
-    images x 3 seeds are 12 pairs but not 12 independent patients, and one unconverged seed can carry a mean."""
+    Everything in it comes from the kept runs (no clock, no host name beyond the machine's kind), so
+    the same runs always give the same bytes. The per-seed table is there because the t-test cannot
+    see it: 4 test images x 3 seeds are 12 pairs but not 12 independent patients, and one
+    unconverged seed can carry a mean."""
     import platform
     labels = [j[0] for j in jobs]
     by = {lab: [r for r in rows if r["row"] == lab] for lab in labels}
@@ -251,46 +281,60 @@ def ablation_report(a, dataset, jobs, rows, seeds, folds, n_cases, wall) -> str:
     L = [f"# {'Ablation (Tables II-IV)' if a.study == 'rows' else 'Sensitivity of MetricUNet-R (Fig. 6, Table V)'}"
          f" on {dataset}", "",
          f"Generated by `{cmd}` (ablation.py `ablation_main`). Do not edit: rerun the command.", "",
-         f"- data: {dataset}, {n_cases} cases, {split}; seeds {', '.join(map(str, seeds))}; "
-         f"each row's n = test cases x seeds = {len(by[ref])}",
+         f"- data: {dataset}, {n_cases} cases, {split}; seeds {', '.join(map(str, seeds))}; each "
+         f"row's n = test cases x seeds = {len(by[ref])}",
          f"- preset `{a.preset}`: Stage-2 width {p['width']} (Table I = 1.0), batch {p['batch']}, "
-         f"{a.epochs2 or p['epochs2']} Stage-2 epochs of {per_epoch} patches, Stage 1 shared by all "
-         f"rows of a seed; paper defaults k=20, m=1, sigma=0.7, eps=0.01, beta=0.1, lambda=0.01, tau=0.1",
-         f"- machine: {platform.machine()}, {os.cpu_count()} CPU threads, torch {torch.__version__}, "
-         f"{'CUDA' if torch.cuda.is_available() else 'CPU only'}; total run time {fmt_time(wall)}", ""]
+         f"{a.epochs2 or p['epochs2']} Stage-2 epochs of {per_epoch} patches, Stage 1 shared by "
+         f"all "
+         f"rows of a seed; paper defaults k=20, m=1, sigma=0.7, eps=0.01, beta=0.1, lambda=0.01, "
+         f"tau=0.1",
+         f"- machine: {platform.machine()}, {os.cpu_count()} CPU threads, torch "
+         f"{torch.__version__}, {'CUDA' if torch.cuda.is_available() else 'CPU only'}; total run "
+         f"time {fmt_time(wall)}",
+         ""]
     L += ["## Segmentation (Table III layout; HD95 and aRVD as in Tables IV and VI)", "",
-          "| method | n | DSC mean ± std | DSC median | ASD (mm) mean ± std | ASD median | SEN mean ± std | "
+          "| method | n | DSC mean ± std | DSC median | ASD (mm) mean ± std | ASD median | SEN "
+          "mean ± std | "
           "PPV mean ± std | HD95 (mm) mean ± std | aRVD (%) mean ± std |", "|---" * 10 + "|"]
     for lab in labels:
         s = metrics.summarize(by[lab])
         ms = lambda m, d=4: f"{s[m]['mean']:.{d}f} ± {s[m]['std']:.{d}f}"
-        L.append(f"| {M.row_name(lab)} | {s['cases']} | {ms('DSC')} | {s['DSC']['median']:.4f} | {ms('ASD', 2)} | "
-                 f"{s['ASD']['median']:.2f} | {ms('SEN')} | {ms('PPV')} | {ms('HD95', 2)} | {ms('aRVD', 1)} |")
-    L += ["", f"## Paired two-sided t-tests against {M.row_name(ref)} (Table IV style; pairs = same case, same seed)",
-          "", "| method | ΔDSC | p DSC | ΔASD (mm) | p ASD | p SEN | p PPV | p HD95 |", "|---" * 8 + "|"]
+        L.append(f"| {M.row_name(lab)} | {s['cases']} | {ms('DSC')} | {s['DSC']['median']:.4f} | "
+                 f"{ms('ASD', 2)} | {s['ASD']['median']:.2f} | {ms('SEN')} | {ms('PPV')} | "
+                 f"{ms('HD95', 2)} | {ms('aRVD', 1)} |")
+    L += ["", f"## Paired two-sided t-tests against {M.row_name(ref)} (Table IV style; pairs = "
+              f"same case, same seed)",
+          "", "| method | ΔDSC | p DSC | ΔASD (mm) | p ASD | p SEN | p PPV | p HD95 |",
+          "|---" * 8 + "|"]
     for lab in labels[1:]:
         pv = metrics.paired_pvalues(by[lab], by[ref])
         d = lambda m: np.mean([r[m] for r in by[lab]]) - np.mean([r[m] for r in by[ref]])
-        L.append(f"| {M.row_name(lab)} | {d('DSC'):+.4f} | {pv['DSC']:.3g} | {d('ASD'):+.2f} | {pv['ASD']:.3g} | "
-                 f"{pv['SEN']:.3g} | {pv['PPV']:.3g} | {pv['HD95']:.3g} |")
+        L.append(f"| {M.row_name(lab)} | {d('DSC'):+.4f} | {pv['DSC']:.3g} | {d('ASD'):+.2f} | "
+                 f"{pv['ASD']:.3g} | {pv['SEN']:.3g} | {pv['PPV']:.3g} | {pv['HD95']:.3g} |")
     # median over runs: one run slowed by other work on the machine must not decide the overhead
-    L += ["", f"## Stage-2 training time against {M.row_name(ref)} (validation excluded; median over runs)", "",
+    L += ["", f"## Stage-2 training time against {M.row_name(ref)} (validation excluded; median "
+              f"over runs)", "",
           "| method | seconds per run (median) | overhead | slowest run |", "|---|---|---|---|"]
-    per_run = {lab: list({(r["seed"], r["fold"]): r["train_s"] for r in by[lab]}.values()) for lab in labels}
+    per_run = {lab: list({(r["seed"],
+                           r["fold"]): r["train_s"] for r in by[lab]}.values()) for lab in labels}
     t = {lab: float(np.median(v)) for lab, v in per_run.items()}
     for lab in labels:
-        L.append(f"| {M.row_name(lab)} | {t[lab]:.0f} | {100 * (t[lab] / t[ref] - 1):+.1f} % | {max(per_run[lab]):.0f} |")
+        L.append(f"| {M.row_name(lab)} | {t[lab]:.0f} | {100 * (t[lab] / t[ref] - 1):+.1f} % | "
+                 f"{max(per_run[lab]):.0f} |")
     if len(seeds) > 1:
         L += ["", "## Mean DSC of each seed (seed-to-seed spread)", "",
-              "| method | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---" * (len(seeds) + 1) + "|"]
+              "| method | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+              "|---" * (len(seeds) + 1) + "|"]
         for lab in labels:
             L.append(f"| {M.row_name(lab)} | " + " | ".join(
                 f"{np.mean([r['DSC'] for r in by[lab] if r['seed'] == s]):.4f}" for s in seeds) + " |")
     s1 = getattr(a, "stage1_rows", [])
     if s1:
         errs = np.array([float(r["centre_error_mm"]) for r in s1])
-        L += ["", "## Stage 1 on the test cases (shared by all rows; centre error of the crop centre it gives)", "",
-              "| fold | seed | case | DSC at 1/4 size | centre error (mm) |", "|---|---|---|---|---|"]
+        L += ["", "## Stage 1 on the test cases (shared by all rows; centre error of the crop "
+                  "centre it gives)", "",
+              "| fold | seed | case | DSC at 1/4 size | centre error (mm) |",
+              "|---|---|---|---|---|"]
         L += [f"| {r['fold']} | {r['seed']} | {r['case']} | {float(r['dsc_quarter']):.4f} | "
               f"{'not found' if not np.isfinite(float(r['centre_error_mm'])) else format(float(r['centre_error_mm']), '.1f')} |"
               for r in s1]
@@ -299,156 +343,25 @@ def ablation_report(a, dataset, jobs, rows, seeds, folds, n_cases, wall) -> str:
                   f"prostate not found in {int((~np.isfinite(errs)).sum())} of {len(errs)}."]
     empties = sum(r["empty_prediction"] for r in rows)
     L += ["", f"Empty predictions (scored with the volume diagonal as distance): {empties}.",
-          f"Per-case values: `{'ablation' if a.study == 'rows' else 'sensitivity'}_{dataset}_cases.csv`; "
-          f"Fig. 7 curves (per-step cross-entropy, per-epoch validation DSC): "
+          f"Per-case values: "
+          f"`{'ablation' if a.study == 'rows' else 'sensitivity'}_{dataset}_cases.csv`; Fig. 7 "
+          f"curves (per-step cross-entropy, per-epoch validation DSC): "
           f"`{'ablation' if a.study == 'rows' else 'sensitivity'}_{dataset}_convergence.csv`.", ""]
     return "\n".join(L)
 
 
 def ablation_command(a) -> str:
-    """The command line that regenerates a table, flags at their defaults left out: printed at the table's top,
-    so a reader knows exactly what to run to check or extend it."""
+    """The command line that regenerates a table, flags at their defaults left out: printed at the
+    table's top, so a reader knows exactly what to run to check or extend it."""
     flags = [f"--data {a.data} --channel {a.channel}" if a.data else "",
              "--study sensitivity" if a.study == "sensitivity" else "",
              f"--rows {a.rows}" if a.study == "rows" and a.rows != ",".join(ABLATION_ROWS) else "",
              f"--seeds {a.seeds}" if a.seeds else "", f"--folds {a.folds}" if a.folds else "",
              f"--preset {a.preset}" if a.preset != "ablation" else "",
-             f"--epochs1 {a.epochs1}" if a.epochs1 else "", f"--epochs2 {a.epochs2}" if a.epochs2 else ""]
+             f"--epochs1 {a.epochs1}" if a.epochs1 else "",
+             f"--epochs2 {a.epochs2}" if a.epochs2 else ""]
     return " ".join(["python ablation.py"] + [f for f in flags if f])
 
 
-# ---------------------------------------------------------------------------------------------- figures
-# `python ablation.py figures`: the paper's Fig. 6 and Fig. 7 and a Table III bar chart, drawn from the CSVs
-# above (nothing is retrained). This is the one command of the project that uses matplotlib, imported inside
-# it, so the core modules keep the card's four packages; everything else draws with infer.write_png.
-
-def figures_main(argv=None):
-    """Draw every figure the CSVs in --results allow: for each rows study a Table III bar chart and Fig. 7;
-    for each sensitivity study Fig. 6 with Table V's k beside it. Missing matplotlib or missing CSVs are one
-    line each. Figures are written beside the tables they illustrate, replacing older ones (they are outputs of
-    this command, like the tables)."""
-    p = argparse.ArgumentParser(prog="ablation.py figures", description=(
-        "Fig. 6 (DSC/ASD against lambda, sigma and k), Fig. 7 (cross-entropy and validation DSC against steps) "
-        "and a Table III bar chart as PNGs, from the CSVs in --results (needs matplotlib)."))
-    p.add_argument("--results", default="results", help="folder with the ablation's *_cases.csv and CSVs")
-    a = p.parse_args(argv)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")                      # files only, no display
-        import matplotlib.pyplot as plt
-    except ImportError:
-        sys.exit("error: `python ablation.py figures` needs matplotlib (pip install matplotlib); "
-                 "nothing else in this project does")
-    res = Path(a.results)
-    studies = sorted(res.glob("ablation_*_cases.csv")) + sorted(res.glob("sensitivity_*_cases.csv"))
-    if not studies:
-        sys.exit(f"error: no ablation_*_cases.csv or sensitivity_*_cases.csv in {res}; run python ablation.py first")
-    written = []
-    for cases_csv in studies:
-        stem = cases_csv.name[:-len("_cases.csv")]
-        rows = read_csv(cases_csv)
-        if stem.startswith("ablation_"):
-            written.append(table3_figure(plt, rows, res / f"{stem}_table3.png", stem))
-            conv = res / f"{stem}_convergence.csv"
-            if conv.exists():
-                written.append(fig7_figure(plt, read_csv(conv), res / f"{stem}_fig7.png", stem))
-        else:
-            written.append(fig6_figure(plt, rows, res / f"{stem}_fig6.png", stem))
-    for path in written:
-        print(f"wrote {path}")
-
-
-def read_csv(path: Path) -> list[dict]:
-    """A CSV as a list of dicts of strings (the figure code converts what it plots)."""
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def save_figure(plt, fig, path: Path) -> Path:
-    """PNG without the software-version stamp, so the same CSVs give the same bytes with one matplotlib."""
-    fig.tight_layout()
-    fig.savefig(path, dpi=90, metadata={"Software": None})
-    plt.close(fig)
-    return path
-
-
-def table3_figure(plt, rows, path: Path, title: str) -> Path:
-    """Table III as bars: mean DSC and mean ASD of each row (error bars: std over test cases x seeds). UNet,
-    the baseline every p-value is taken against, is grey; the metric rows are blue. The DSC axis starts just
-    below the lowest bar's error bar, so differences of a few hundredths stay visible."""
-    labels = list(dict.fromkeys(r["row"] for r in rows))          # in the table's order
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    for ax, m, unit in zip(axes, ("DSC", "ASD"), ("", " (mm)")):
-        v = [[float(r[m]) for r in rows if r["row"] == lab] for lab in labels]
-        ax.bar(range(len(labels)), [np.mean(x) for x in v], yerr=[np.std(x) for x in v], capsize=3,
-               color=["0.6"] + ["C0"] * (len(labels) - 1))
-        ax.set_xticks(range(len(labels)), [M.row_name(lab).replace("MetricUNet", "M") for lab in labels])
-        ax.set_ylabel(m + unit)
-        if m == "DSC":
-            ax.set_ylim(max(0.0, min(np.mean(x) - np.std(x) for x in v) - 0.05), 1.0)
-    fig.suptitle(f"Table III as bars: {title} (mean ± std; M- = MetricUNet-)", fontsize=10)
-    return save_figure(plt, fig, path)
-
-
-def fig7_figure(plt, conv, path: Path, title: str) -> Path:
-    """Fig. 7: Stage-2 cross-entropy against the step (moving average over 20 steps, mean over seeds and
-    folds) and validation DSC against the epoch, one line per Table II row. Cross-entropy is drawn on a log
-    axis, as the interesting part is late training where the curves separate by a factor, not an offset."""
-    labels = list(dict.fromkeys(r["row"] for r in conv))
-    fig, (ax_ce, ax_val) = plt.subplots(1, 2, figsize=(9, 3.4))
-    has_val = False
-    for i, lab in enumerate(labels):
-        mine = [r for r in conv if r["row"] == lab]
-        steps = sorted({int(r["step"]) for r in mine if r["ce"]})
-        ce = {s: np.mean([float(r["ce"]) for r in mine if r["ce"] and int(r["step"]) == s]) for s in steps}
-        y = np.convolve([ce[s] for s in steps], np.ones(20) / 20, mode="valid") if len(steps) >= 20 else []
-        style = dict(color="0.4" if i == 0 else f"C{i - 1}", label=M.row_name(lab))
-        ax_ce.plot(steps[len(steps) - len(y):], y, **style)
-        val = [r for r in mine if r["val_dsc"] and math.isfinite(float(r["val_dsc"]))]   # folds: no validation
-        epochs = sorted({int(r["epoch"]) for r in val})
-        dsc = [np.mean([float(r["val_dsc"]) for r in val if int(r["epoch"]) == e]) for e in epochs]
-        if epochs:
-            has_val = True
-            ax_val.plot(epochs, dsc, marker="o", **style)
-    ax_ce.set(xlabel="step", ylabel="cross-entropy (Eq. 3), moving average", yscale="log")
-    ax_ce.legend(fontsize=7)
-    ax_val.set(xlabel="epoch", ylabel="validation DSC")
-    if not has_val:
-        ax_val.text(0.5, 0.5, "no validation set\n(cross-validation folds)", ha="center", transform=ax_val.transAxes)
-    fig.suptitle(f"Fig. 7: convergence, {title}", fontsize=10)
-    return save_figure(plt, fig, path)
-
-
-def fig6_figure(plt, rows, path: Path, title: str) -> Path:
-    """Fig. 6 (lambda, sigma) and Table V (k): mean DSC and ASD of MetricUNet-R against each hyper-parameter,
-    the others at the paper's values (the 'R' row is every curve's paper-default point, marked with a star)."""
-    def value_of(label, name):
-        for part in label.split()[1:]:
-            k, v = part.split("=")
-            if k == name:
-                return float(v)
-        return None if " " in label else float(M.PAPER_DEFAULTS[name])
-    fig, axes = plt.subplots(2, len(SENSITIVITY), figsize=(10, 5.2))
-    for j, name in enumerate(SENSITIVITY):
-        pts = sorted({value_of(r["row"], name) for r in rows} - {None})
-        for i, m in enumerate(("DSC", "ASD")):
-            v = [[float(r[m]) for r in rows if value_of(r["row"], name) == x] for x in pts]
-            ax = axes[i, j]
-            ax.errorbar(pts, [np.mean(x) for x in v], yerr=[np.std(x) for x in v], marker="o", capsize=3)
-            default = float(M.PAPER_DEFAULTS[name])
-            if default in pts:
-                ax.plot([default], [np.mean(v[pts.index(default)])], "r*", markersize=12, label="paper default")
-            ax.set(xscale="log" if name in ("lam", "k") else "linear", ylabel=m + (" (mm)" if m == "ASD" else ""),
-                   xlabel={"lam": "lambda (Eq. 4)", "sigma": "sigma (Eq. 2)", "k": "k anchors (Table V)"}[name])
-            ax.set_xticks(pts, [f"{x:g}" for x in pts])
-            ax.minorticks_off()
-    axes[0, 0].legend(fontsize=7)
-    fig.suptitle(f"Fig. 6 / Table V: sensitivity of MetricUNet-R, {title} (mean ± std over test cases)", fontsize=10)
-    return save_figure(plt, fig, path)
-
-
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["figures"]:
-        figures_main(sys.argv[2:])
-    else:
-        ablation_main(sys.argv[1:])
+    ablation_main(sys.argv[1:])

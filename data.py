@@ -1,28 +1,28 @@
-"""Data: the NIfTI pipeline of Sections III-A and IV-B, and a synthetic pelvic-CT phantom (the default data).
+"""Data: the NIfTI pipeline of Sections III-A and IV-B, from a data set folder to training patches.
 
-    python data.py phantom OUT_DIR [--cases N] [--seed S]   # write a Decathlon-layout phantom data set
-    python data.py inspect DATA_DIR                          # list cases, spacing, split; preprocess + cache
+    python data.py DATA_DIR [--channel T2] [--cache DIR]   # cases and split; preprocess and cache
 
 Pipeline, in the order it runs (each step names the paper's section):
-  find_cases            Decathlon (dataset.json, imagesTr/labelsTr, 4-D images with a channel axis), nnU-Net
-                        (CASE_0000.nii.gz + CASE.nii.gz) or plain paired folders (images/ + labels/).
-  load_case             nibabel; checks the file, 3-D-ness, NaN/inf, spacing > 0, label shape and affine.
-                        Arrays are reoriented to RAS (axis 2 = inferior -> superior, the axial slice axis).
-  preprocess            Section IV-B: resample to 1x1x1 mm (trilinear), crop the body (threshold + largest
-                        connected component), normalise intensities to [0, 255] (uint8), find the femoral-head
-                        reference centre (Section III-A). Cached as .npz, so epochs and runs never resample again.
-  stage1_volume         Section III-A: the body image at 1/4 size (trilinear).
-  crop_around           Section III-A: the 128^3 crop at 1 mm around a centre, padded past the volume.
-  PatchDataset          Section III-A / IV-B: 2.5D training patches, 64 x 64 x 5 of the 1/4-size image
-                        (Stage 1) or 64 x 64 x 3 of the crop (Stage 2, 500 per image), label of the middle
-                        slice; optional on-the-fly augmentation (augment_patch; paper is silent), a new
-                        draw every epoch through EpochIndexSampler.
-  split_cases           Section IV-A: a deterministic 70 / 10 / 20 split by seed (or cross-validation folds).
-  load_split            train.py's entry: cases, split and the cached preprocessing (DDP-safe).
-  to_original_grid      the inverse of preprocess: a 1-mm probability map back onto the input's grid.
-  make_phantom          the synthetic pelvic CT with known ground truth.
+  find_cases        Decathlon (dataset.json, imagesTr/ + labelsTr/, 4-D images with a channel axis),
+                    nnU-Net (CASE_0000.nii.gz + CASE.nii.gz) or plain images/ + labels/ folders.
+  load_case         nibabel; checks the file, 3-D-ness, NaN/inf, spacing > 0, label shape, affine.
+                    Arrays are reoriented to RAS (axis 2 = inferior -> superior: axial slices).
+  preprocess        Section IV-B: resample to 1x1x1 mm (trilinear), crop the body (threshold +
+                    largest connected component), normalise intensities to [0, 255] (uint8), find
+                    the femoral-head reference centre (Section III-A). Cached as .npz, so epochs
+                    and runs never resample again.
+  stage1_volume     Section III-A: the body image at 1/4 size (trilinear).
+  crop_around       Section III-A: the 128^3 crop at 1 mm around a centre, padded past the volume.
+  PatchDataset      Section III-A / IV-B: 2.5D training patches, 64 x 64 x 5 of the 1/4-size image
+                    (Stage 1) or 64 x 64 x 3 of the crop (Stage 2, 500 per image), label of the
+                    middle slice; optional on-the-fly augmentation (augment_patch; paper is
+                    silent), a new draw every epoch through EpochIndexSampler.
+  split_cases       Section IV-A: a deterministic 70 / 10 / 20 split (or cross-validation folds).
+  load_split        train.py's entry: cases, split and the cached preprocessing (DDP-safe).
+  to_original_grid  the inverse of preprocess: a 1-mm probability map back onto the input's grid.
+  atomic_write      every file this project writes goes through it (no half-written files).
 
-Nothing here writes into an input folder: caches go to a separate folder, phantoms to a new one.
+Nothing here writes into an input folder: caches go to a separate folder.
 """
 from __future__ import annotations
 
@@ -44,21 +44,24 @@ from scipy import ndimage
 SPACING_MM = 1.0          # resample to 1 x 1 x 1 mm
 STAGE1_FACTOR = 4         # Stage 1 works on the 1/4-size image
 CROP_SIZE = 128           # Stage-2 prostate region, 128^3 at 1 mm
-# Paper is silent on the CT window behind "normalised to [0, 255]": we use the soft-tissue window
-# W 400 / L 40 (-160 .. 240 HU), which keeps 1.6 HU per grey level for the prostate's few tens of HU of contrast.
+# Paper is silent on the CT window behind "normalised to [0, 255]": we use the soft-tissue window W
+# 400 / L 40 (-160 .. 240 HU), which keeps 1.6 HU per grey level for the prostate's few tens of HU
+# of contrast.
 CT_WINDOW_HU = (-160.0, 240.0)
-# Paper is silent on MRI (used only in Section IV-G): percentiles 0.5 and 99.5 of the body voxels map to 0, 255.
+# Paper is silent on MRI (used only in Section IV-G): percentiles 0.5 and 99.5 of the body voxels
+# map to 0, 255.
 MR_PERCENTILES = (0.5, 99.5)
 CT_BODY_HU = -500.0       # body = HU above this (air is -1000, fat -100)
 CT_BONE_HU = 200.0        # femoral heads: bone threshold
-MAX_SLICE_MM = 6.0        # coarser voxels get a warning: a 30-40 mm prostate spans only a few such slices
+# coarser voxels get a warning: a 30-40 mm prostate spans only a few such slices
+MAX_SLICE_MM = 6.0
 
 
 class DataError(ValueError):
     """Bad input data; the message names the file."""
 
 
-# ---------------------------------------------------------------------------------------------- reading
+# ------------------------------------------------------------------------------------------ reading
 
 @dataclass
 class Case:
@@ -69,22 +72,71 @@ class Case:
     modality: str = "auto"   # 'ct', 'mr' or 'auto'
 
 
+NIFTI = (".nii.gz", ".nii")
+# PROMISE12: Case00.nii.gz (image), Case00_segmentation.nii.gz
+SEGMENTATION_SUFFIX = "_segmentation"
+NNUNET_CHANNEL = "_0000"                   # nnU-Net: CASE_0000.nii.gz is channel 0 of case CASE
+
+
 def case_name(path: Path) -> str:
-    name = path.name
-    for ext in (".nii.gz", ".nii"):
+    """The one case-naming rule of every entry point: the file name without .nii / .nii.gz, and
+    without PROMISE12's label suffix ('Case00_segmentation.nii.gz' -> 'Case00'). Any other ending is
+    part of the name ('pat_0001.nii.gz' -> 'pat_0001'); nnU-Net's channel suffix belongs to images:
+    image_case_name."""
+    name = Path(path).name
+    for ext in NIFTI:
         if name.endswith(ext):
             name = name[: -len(ext)]
-    return name
+            break
+    return name[: -len(SEGMENTATION_SUFFIX)] if name.endswith(SEGMENTATION_SUFFIX) else name
 
 
-def _nifti_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.name.endswith((".nii", ".nii.gz")) and not p.name.startswith("."))
+def image_case_name(path: Path) -> str:
+    """An image's case: case_name without nnU-Net's channel-0 suffix ('prostate_10_0000' ->
+    'prostate_10'), so a mask written for it is named like its label."""
+    name = case_name(path)
+    return name[: -len(NNUNET_CHANNEL)] if name.endswith(NNUNET_CHANNEL) else name
 
 
-def find_cases(root, channel: int | str = 0, modality: str = "auto", require_labels: bool = True) -> list[Case]:
+def nifti_files(folder: Path) -> list[Path]:
+    """The one NIfTI listing: .nii and .nii.gz files of a folder, sorted, hidden files (and so the
+    temporary files of atomic_write) left out."""
+    return sorted(p for p in Path(folder).iterdir()
+                  if p.name.endswith(NIFTI) and not p.name.startswith("."))
+
+
+def atomic_write(path, write) -> None:
+    """Every file this project writes (checkpoints, NIfTI, cache, CSV, JSON, PNG) goes through here:
+    `write(tmp)` fills a temporary file beside `path`, which then replaces it in one os.replace, so
+    a crash or a full disk never leaves half a file. The temporary name is hidden and ends like
+    `path` (.nii.gz, .npz), so nibabel and numpy pick the right format."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix="-" + path.name)
+    os.close(fd)
+    os.chmod(tmp, 0o644)                   # mkstemp makes 0600; results are shared like any file
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path, text: str) -> None:
+    """A text file (CSV, JSON, markdown) through atomic_write; newlines as given."""
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
+def find_cases(root, channel: int | str = 0, modality: str = "auto",
+               require_labels: bool = True) -> list[Case]:
     """Cases of a Decathlon, nnU-Net or plain paired-folder data set, sorted by name.
 
-    channel: index or name (as in dataset.json's 'modality' / 'channel_names') of a 4-D image's channel."""
+    channel: index or name (as in dataset.json's 'modality' / 'channel_names') of a 4-D image's
+    channel."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: data folder not found")
@@ -109,15 +161,15 @@ def find_cases(root, channel: int | str = 0, modality: str = "auto", require_lab
     elif (root / "images").is_dir():
         img_dir, lab_dir = root / "images", root / "labels"
     else:
-        raise DataError(f"{root}: expected imagesTr/ + labelsTr/ (Decathlon, nnU-Net) or images/ + labels/")
+        raise DataError(f"{root}: expected imagesTr/ + labelsTr/ (Decathlon, nnU-Net) or images/ + "
+                        f"labels/")
     cases = []
-    for img in _nifti_in(img_dir):
-        name = case_name(img)
-        if name.endswith("_0000"):                          # nnU-Net: CASE_0000 is channel 0 of CASE
-            name = name[:-5]
-        elif len(name) > 5 and name[-5] == "_" and name[-4:].isdigit():
+    for img in nifti_files(img_dir):
+        name = image_case_name(img)
+        if name == case_name(img) and len(name) > 5 and name[-5] == "_" and name[-4:].isdigit():
             continue                                        # other nnU-Net channels: CASE_0001, ...
-        lab = next((p for p in (lab_dir / f"{name}.nii.gz", lab_dir / f"{name}.nii") if p.is_file()), None)
+        lab = next((p for p in (lab_dir / f"{name}.nii.gz",
+                                lab_dir / f"{name}.nii") if p.is_file()), None)
         if lab is None and require_labels:
             raise DataError(f"{img}: no label {lab_dir / (name + '.nii.gz')}")
         cases.append(Case(name, img, lab, channel, modality))
@@ -148,33 +200,40 @@ class Geometry:
 
 
 def load_case(case: Case, need_label: bool = True):
-    """(image float32, label uint8 or None, Geometry), arrays reoriented to RAS; raises DataError on bad input."""
+    """(image float32, label uint8 or None, Geometry), arrays reoriented to RAS; raises DataError on
+    bad input."""
     from nibabel import orientations as O
     img, data = _read_nifti(case.image)
     if data.ndim == 4:
         if not 0 <= case.channel < data.shape[3]:
-            raise DataError(f"{case.image}: channel {case.channel} requested, image has {data.shape[3]}")
+            raise DataError(f"{case.image}: channel {case.channel} requested, image has "
+                            f"{data.shape[3]}")
         data = data[..., case.channel]
     if data.ndim != 3:
-        raise DataError(f"{case.image}: expected a 3-D volume (or 4-D with channels), got shape {data.shape}")
+        raise DataError(f"{case.image}: expected a 3-D volume (or 4-D with channels), got shape "
+                        f"{data.shape}")
     data = np.asarray(data, dtype=np.float32)
     if not np.all(np.isfinite(data)):
         raise DataError(f"{case.image}: image holds NaN or infinite voxels")
-    # Geometry comes from the affine (what nibabel, nnU-Net and ITK use), not the header's pixdim, which some
-    # converters leave stale: the voxel size along each array axis is the length of that affine column.
+    # Geometry comes from the affine (what nibabel, nnU-Net and ITK use), not the header's pixdim,
+    # which some converters leave stale: the voxel size along each array axis is the length of that
+    # affine column.
     zooms = np.sqrt((np.asarray(img.affine, np.float64)[:3, :3] ** 2).sum(0))
     if not np.all(np.isfinite(img.affine)) or abs(np.linalg.det(img.affine[:3, :3])) < 1e-9:
-        raise DataError(f"{case.image}: singular affine (zero spacing?) or non-finite values; fix the file's "
-                        f"sform/qform: {np.round(img.affine, 3).tolist()}")
+        raise DataError(f"{case.image}: singular affine (zero spacing?) or non-finite values; fix "
+                        f"the file's sform/qform: {np.round(img.affine, 3).tolist()}")
     if zooms.max() > MAX_SLICE_MM:
-        print(f"warning: {case.image}: voxels of {zooms.round(2).tolist()} mm; slices coarser than {MAX_SLICE_MM:g} "
-              f"mm cannot resolve the prostate's ends (its volume may be off by tens of per cent)", file=sys.stderr)
+        print(f"warning: {case.image}: voxels of {zooms.round(2).tolist()} mm; slices coarser than "
+              f"{MAX_SLICE_MM:g} mm cannot resolve the prostate's ends (its volume may be off by "
+              f"tens of per cent)",
+              file=sys.stderr)
     if min(data.shape) < 2:
         raise DataError(f"{case.image}: volume too small, shape {data.shape}")
     ornt = O.io_orientation(img.affine)
     spacing = np.empty(3)
     spacing[ornt[:, 0].astype(int)] = zooms
-    geo = Geometry(tuple(int(s) for s in data.shape), img.affine.tolist(), ornt.tolist(), tuple(spacing.tolist()))
+    geo = Geometry(tuple(int(s) for s in data.shape), img.affine.tolist(), ornt.tolist(),
+                   tuple(spacing.tolist()))
     label = None
     if case.label is not None and need_label:
         limg, ldata = _read_nifti(case.label)
@@ -182,12 +241,15 @@ def load_case(case: Case, need_label: bool = True):
         if ldata.ndim == 4 and ldata.shape[3] == 1:
             ldata = ldata[..., 0]
         if ldata.shape != data.shape:
-            raise DataError(f"{case.label}: label shape {ldata.shape} does not match image shape {data.shape}")
+            raise DataError(f"{case.label}: label shape {ldata.shape} does not match image shape "
+                            f"{data.shape}")
         if not np.allclose(limg.affine, img.affine, atol=1e-3):
-            raise DataError(f"{case.label}: label affine does not match the image's\n{limg.affine}\nvs\n{img.affine}")
+            raise DataError(f"{case.label}: label affine does not match the "
+                            f"image's\n{limg.affine}\nvs\n{img.affine}")
         if not np.all(np.isfinite(ldata)):
             raise DataError(f"{case.label}: label holds NaN or infinite values")
-        label = O.apply_orientation((ldata > 0).astype(np.uint8), ornt)   # every label value > 0 is prostate
+        # every label value > 0 is prostate
+        label = O.apply_orientation((ldata > 0).astype(np.uint8), ornt)
     return O.apply_orientation(data, ornt).astype(np.float32), label, geo
 
 
@@ -196,21 +258,23 @@ def detect_modality(image: np.ndarray) -> str:
     return "ct" if float(image.min()) < -500 else "mr"
 
 
-# ---------------------------------------------------------------------------------------------- preprocessing
+# ------------------------------------------------------------------------------------ preprocessing
 
-def resample_to(volume: np.ndarray, spacing, new_spacing: float = SPACING_MM, order: int = 1) -> np.ndarray:
-    """Section IV-B: trilinear resampling (order=1) onto a grid of `new_spacing` mm whose voxel 0 is the
-    input's voxel 0; the physical extent (n-1)*spacing is kept, to within one output voxel."""
+def resample_to(volume: np.ndarray, spacing, new_spacing: float = SPACING_MM,
+                order: int = 1) -> np.ndarray:
+    """Section IV-B: trilinear resampling (order=1) onto a grid of `new_spacing` mm whose voxel 0 is
+    the input's voxel 0; the physical extent (n-1)*spacing is kept, to within one output voxel."""
     spacing = np.asarray(spacing, float)
-    out_shape = tuple(int(math.floor((n - 1) * s / new_spacing + 1e-6)) + 1 for n, s in zip(volume.shape, spacing))
+    out_shape = resample_shape(volume.shape, spacing, new_spacing)
     return ndimage.affine_transform(volume.astype(np.float32, copy=False), new_spacing / spacing,
                                     output_shape=out_shape, order=order, mode="nearest")
 
 
 def resample_label(label: np.ndarray, spacing, new_spacing: float = SPACING_MM) -> np.ndarray:
-    """Labels are resampled as a float occupancy with trilinear interpolation and thresholded at 0.5, so the
-    mask keeps its shape and volume (nearest neighbour would give staircase edges on thick slices).
-    Only the label's bounding box (plus a voxel) is interpolated; the rest of the output is 0."""
+    """Labels are resampled as a float occupancy with trilinear interpolation and thresholded at
+    0.5, so the mask keeps its shape and volume (nearest neighbour would give staircase edges on
+    thick slices). Only the label's bounding box (plus a voxel) is interpolated; the rest of the
+    output is 0."""
     spacing = np.asarray(spacing, float)
     out = np.zeros(resample_shape(label.shape, spacing, new_spacing), np.uint8)
     idx = np.argwhere(label > 0)
@@ -218,16 +282,19 @@ def resample_label(label: np.ndarray, spacing, new_spacing: float = SPACING_MM) 
         return out
     lo = np.maximum(idx.min(0) - 1, 0) * spacing / new_spacing
     hi = np.minimum(idx.max(0) + 1, np.array(label.shape) - 1) * spacing / new_spacing
-    o_lo, o_hi = np.ceil(lo - 1e-6).astype(int), np.minimum(np.floor(hi + 1e-6).astype(int), np.array(out.shape) - 1)
-    sub = ndimage.affine_transform(label.astype(np.float32), new_spacing / spacing, offset=o_lo * new_spacing / spacing,
+    o_lo = np.ceil(lo - 1e-6).astype(int)
+    o_hi = np.minimum(np.floor(hi + 1e-6).astype(int), np.array(out.shape) - 1)
+    sub = ndimage.affine_transform(label.astype(np.float32), new_spacing / spacing,
+                                   offset=o_lo * new_spacing / spacing,
                                    output_shape=tuple(o_hi - o_lo + 1), order=1, mode="nearest")
     out[tuple(slice(a, b + 1) for a, b in zip(o_lo, o_hi))] = sub >= 0.5
     return out
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 6-connected component of a mask (the body for body_box; the prostate for infer.py's
-    Stage-1 centre and its optional --largest-component). An empty mask is returned as it is."""
+    """The largest 6-connected component of a mask (the body for body_box; the prostate for
+    infer.py's Stage-1 centre and its optional --largest-component). An empty mask is returned as it
+    is."""
     lab, n = ndimage.label(mask)
     if n == 0:
         return mask
@@ -237,10 +304,11 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
 
 
 def body_box(image: np.ndarray, modality: str):
-    """Section IV-B: "cropped by a simple threshold-based method": threshold, largest connected component,
-    its bounding box. CT: HU > -500. MR (paper silent): > 10 % of the 99th percentile."""
+    """Section IV-B: "cropped by a simple threshold-based method": threshold, largest connected
+    component, its bounding box. CT: HU > -500. MR (paper silent): > 10 % of the 99th percentile."""
     thr = CT_BODY_HU if modality == "ct" else 0.1 * float(np.percentile(image, 99))
-    small = image[::2, ::2, ::2] > thr                    # the component search at 2 mm is plenty for a box
+    # the component search at 2 mm is plenty for a box
+    small = image[::2, ::2, ::2] > thr
     body = largest_component(small)
     if not body.any():
         return tuple(slice(0, n) for n in image.shape)
@@ -251,8 +319,10 @@ def body_box(image: np.ndarray, modality: str):
     return tuple(box)
 
 
-def normalise(image: np.ndarray, modality: str, body_sample: np.ndarray | None = None) -> np.ndarray:
-    """Section IV-B: intensities to [0, 255] (uint8). CT: the fixed HU window CT_WINDOW_HU. MR: percentiles."""
+def normalise(image: np.ndarray, modality: str,
+              body_sample: np.ndarray | None = None) -> np.ndarray:
+    """Section IV-B: intensities to [0, 255] (uint8). CT: the fixed HU window CT_WINDOW_HU. MR:
+    percentiles."""
     if modality == "ct":
         lo, hi = CT_WINDOW_HU
     else:
@@ -263,13 +333,15 @@ def normalise(image: np.ndarray, modality: str, body_sample: np.ndarray | None =
 
 
 def femoral_head_centre(hu: np.ndarray):
-    """Section III-A: "The reference prostate center is determined by the center of two femur heads."
+    """Section III-A: "The reference prostate center is determined by the center of two femur
+    heads."
 
-    Paper is silent on how the heads are found. On the 1-mm CT in HU: bone = HU > 200; holes filled slice
-    by slice (the trabecular core may fall below the threshold); connected components smaller than a 12-mm
-    ball are dropped (calcifications, fragments). A femoral head is the thickest bone there is, so its
-    centre is the deepest point of the bone mask (maximum of its Euclidean distance transform), one on each
-    side of the body's mid-line (the middle of the body crop). Returns (centre (3,) in voxel coordinates or None, message)."""
+    Paper is silent on how the heads are found. On the 1-mm CT in HU: bone = HU > 200; holes filled
+    slice by slice (the trabecular core may fall below the threshold); connected components smaller
+    than a 12-mm ball are dropped (calcifications, fragments). A femoral head is the thickest bone
+    there is, so its centre is the deepest point of the bone mask (maximum of its Euclidean distance
+    transform), one on each side of the body's mid-line (the middle of the body crop). Returns
+    (centre (3,) in voxel coordinates or None, message)."""
     bone = hu > CT_BONE_HU
     if not bone.any():
         return None, "no bone above 200 HU (not a CT, or no femoral heads in the field of view)"
@@ -281,24 +353,29 @@ def femoral_head_centre(hu: np.ndarray):
     bone = keep[lab]
     if not bone.any():
         return None, "no bone component as large as a femoral head"
-    # deepest bone point: the distance transform at 2 mm finds it, then an exact 1-mm transform in a box
-    # around it (larger than the head, so the nearest non-bone voxel is always inside the box) refines it
+    # deepest bone point: the distance transform at 2 mm finds it, then an exact 1-mm transform in a
+    # box around it (larger than the head, so the nearest non-bone voxel is always inside the box)
+    # refines it
     coarse = ndimage.distance_transform_edt(bone[::2, ::2, ::2], sampling=2.0)
-    mid = hu.shape[0] // 2                     # hu is the body crop: its middle column is the mid-line
+    # hu is the body crop: its middle column is the mid-line
+    mid = hu.shape[0] // 2
     centres = []
     for lo, hi in ((0, mid), (mid, hu.shape[0])):
         d = coarse[lo // 2:(hi + 1) // 2]
         if d.size == 0 or d.max() < 12:
-            return None, f"no femoral head found on one side (deepest bone {d.max() if d.size else 0:.0f} mm < 12 mm)"
+            deepest = d.max() if d.size else 0
+            return None, f"no femoral head on one side (deepest bone {deepest:.0f} mm < 12 mm)"
         c = np.array(np.unravel_index(int(d.argmax()), d.shape)) * 2
         c[0] += (lo // 2) * 2
         r = int(d.max()) + 8
         box = tuple(slice(max(int(v) - r, 0), min(int(v) + r + 1, n)) for v, n in zip(c, hu.shape))
         fine = ndimage.distance_transform_edt(np.pad(bone[box], 1))[1:-1, 1:-1, 1:-1]
-        centres.append(np.array(np.unravel_index(int(fine.argmax()), fine.shape), float) + [b.start for b in box])
+        deepest = np.array(np.unravel_index(int(fine.argmax()), fine.shape), float)
+        centres.append(deepest + [b.start for b in box])
     sep, dz = abs(centres[1][0] - centres[0][0]), abs(centres[1][2] - centres[0][2])
     if not (100 <= sep <= 280 and dz <= 30):
-        return None, f"implausible femoral heads (separation {sep:.0f} mm, height difference {dz:.0f} mm)"
+        return None, (f"implausible femoral heads (separation {sep:.0f} mm, height difference "
+                      f"{dz:.0f} mm)")
     return (centres[0] + centres[1]) / 2, "midpoint of the two femoral heads"
 
 
@@ -309,8 +386,9 @@ class Prepared:
     image: np.ndarray                 # uint8 (X, Y, Z), [0, 255]
     label: np.ndarray | None          # uint8 0/1 or None
     meta: dict = field(default_factory=dict)
-    # meta: geometry (Geometry as dict), modality, box_start (crop offset in the 1-mm grid), grid_shape
-    #       (full 1-mm grid), reference_centre (femoral midpoint in crop voxels or None), reference_note
+    # meta: geometry (Geometry as dict), modality, box_start (crop offset in the 1-mm grid),
+    # grid_shape (full 1-mm grid), reference_centre (femoral midpoint in crop voxels or None),
+    # reference_note
 
 
 def preprocess(case: Case, need_label: bool = True, log=None) -> Prepared:
@@ -325,7 +403,8 @@ def preprocess(case: Case, need_label: bool = True, log=None) -> Prepared:
     if log and ref is None and modality == "ct":
         log(f"  {case.name}: no femoral-head reference centre ({note})")
     sample = hu[::2, ::2, ::2]
-    img8 = normalise(hu, modality, sample[sample > np.percentile(sample, 10)] if modality == "mr" else None)
+    img8 = normalise(hu, modality,
+                     sample[sample > np.percentile(sample, 10)] if modality == "mr" else None)
     lab8 = None
     if label is not None:
         lab8 = resample_label(label, geo.spacing)[box]
@@ -333,40 +412,32 @@ def preprocess(case: Case, need_label: bool = True, log=None) -> Prepared:
             raise DataError(f"{case.label}: label is empty (no voxel > 0 after resampling to 1 mm)")
     meta = dict(geometry=geo.__dict__, modality=modality, box_start=[int(s.start) for s in box],
                 grid_shape=[int(n) for n in resample_shape(geo.shape, geo.spacing)],
-                reference_centre=None if ref is None else [float(v) for v in ref], reference_note=note,
-                source=str(case.image))
+                reference_centre=None if ref is None else [float(v) for v in ref],
+                reference_note=note, source=str(case.image))
     return Prepared(case.name, img8, lab8, meta)
 
 
 def resample_shape(shape, spacing, new_spacing: float = SPACING_MM):
-    """Voxels per axis after resampling to new_spacing, keeping the first voxel centre and never reaching past
-    the last one (so the 1-mm grid lies inside the input's field of view; 1e-6 absorbs float round-off)."""
-    return tuple(int(math.floor((n - 1) * s / new_spacing + 1e-6)) + 1 for n, s in zip(shape, spacing))
+    """Voxels per axis after resampling to new_spacing, keeping the first voxel centre and never
+    reaching past the last one (so the 1-mm grid lies inside the input's field of view; 1e-6 absorbs
+    float round-off)."""
+    return tuple(int(math.floor((n - 1) * s / new_spacing + 1e-6)) + 1
+                 for n, s in zip(shape, spacing))
 
 
-def _atomic_save_npz(path: Path, **arrays) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def prepare_cases(cases: list[Case], cache_dir, need_label: bool = True, log=print) -> list[Prepared]:
-    """Preprocess every case once and cache it (uint8 .npz + JSON meta) under cache_dir; later calls read
-    the cache. A cache entry is keyed by the source files' paths, sizes and mtimes and by the settings."""
+def prepare_cases(cases: list[Case], cache_dir, need_label: bool = True,
+                  log=print) -> list[Prepared]:
+    """Preprocess every case once and cache it (uint8 .npz + JSON meta) under cache_dir; later calls
+    read the cache. A cache entry is keyed by the source files' paths, sizes and mtimes and by the
+    settings."""
     cache_dir = Path(cache_dir)
     out = []
     t0 = time.time()
     for i, case in enumerate(cases, 1):
-        key = hashlib.sha1(json.dumps([str(case.image.resolve()), _stamp(case.image), str(case.label),
-                                       _stamp(case.label), case.channel, case.modality, need_label,
-                                       CT_WINDOW_HU, MR_PERCENTILES, SPACING_MM, 2]).encode()).hexdigest()[:16]
+        recipe = [str(case.image.resolve()), _stamp(case.image), str(case.label),
+                  _stamp(case.label), case.channel, case.modality, need_label, CT_WINDOW_HU,
+                  MR_PERCENTILES, SPACING_MM, 2]
+        key = hashlib.sha1(json.dumps(recipe).encode()).hexdigest()[:16]
         path = cache_dir / f"{case.name}-{key}.npz"
         if path.is_file():
             z = np.load(path, allow_pickle=False)
@@ -374,17 +445,19 @@ def prepare_cases(cases: list[Case], cache_dir, need_label: bool = True, log=pri
             out.append(Prepared(case.name, z["image"], lab, json.loads(str(z["meta"]))))
             continue
         p = preprocess(case, need_label, log)
-        _atomic_save_npz(path, image=p.image, label=p.label if p.label is not None else np.zeros(0, np.uint8),
-                         meta=np.array(json.dumps(p.meta)))
+        lab = p.label if p.label is not None else np.zeros(0, np.uint8)
+        atomic_write(path, lambda tmp: np.savez(tmp, image=p.image, label=lab,
+                                                meta=np.array(json.dumps(p.meta))))
         out.append(p)
         if log:
-            log(f"  preprocessed {i}/{len(cases)} {case.name}: {p.image.shape} at 1 mm, {p.meta['modality']}, "
-                f"{time.time() - t0:.0f} s")
+            log(f"  preprocessed {i}/{len(cases)} {case.name}: {p.image.shape} at 1 mm, "
+                f"{p.meta['modality']}, {time.time() - t0:.0f} s")
     return out
 
 
 def _stamp(path):
-    """(size, mtime) of a source file: part of the cache key, so an edited or replaced scan is preprocessed again."""
+    """(size, mtime) of a source file: part of the cache key, so an edited or replaced scan is
+    preprocessed again."""
     if path is None:
         return None
     st = Path(path).stat()
@@ -393,19 +466,20 @@ def _stamp(path):
 
 def split_cases(names: list[str], seed: int = 0, fractions=(0.7, 0.1, 0.2), fold: int | None = None,
                 folds: int | None = None):
-    """Section IV-A: random 70 / 10 / 20 split, deterministic in `seed` and independent of listing order.
-    With 3 or more cases each part gets at least one case.
+    """Section IV-A: random 70 / 10 / 20 split, deterministic in `seed` and independent of listing
+    order. With 3 or more cases each part gets at least one case.
 
-    With `folds` (cross-validation, for data sets too small for a 70/10/20 split such as the 5-case MRI subset):
-    the shuffled cases are cut into `folds` near-equal parts, part `fold` is the test set, all others train, and
-    there is no validation set (train.py then keeps the last epoch). folds = len(names) is leave-one-out.
-    Paper is silent here: it only uses the 70/10/20 split."""
+    With `folds` (cross-validation, for data sets too small for a 70/10/20 split such as the 5-case
+    MRI subset): the shuffled cases are cut into `folds` near-equal parts, part `fold` is the test
+    set, all others train, and there is no validation set (train.py then keeps the last epoch).
+    folds = len(names) is leave-one-out. Paper is silent here: it only uses the 70/10/20 split."""
     names = sorted(names)
     perm = np.random.default_rng(seed).permutation(len(names))
     order = [names[i] for i in perm]
     if folds is not None:
         if not 2 <= folds <= len(names) or fold is None or not 0 <= fold < folds:
-            raise ValueError(f"need 2 <= folds <= {len(names)} cases and 0 <= fold < folds; got fold {fold} of {folds}")
+            raise ValueError(f"need 2 <= folds <= {len(names)} cases and 0 <= fold < folds; got "
+                             f"fold {fold} of {folds}")
         parts = np.array_split(np.arange(len(order)), folds)
         test = [order[i] for i in parts[fold]]
         return [n for n in order if n not in test], [], test
@@ -416,74 +490,82 @@ def split_cases(names: list[str], seed: int = 0, fractions=(0.7, 0.1, 0.2), fold
     return order[:n_train], order[n_train:n_train + n_val], order[n_train + n_val:]
 
 
-def load_split(root, channel, cache, split="70/10/20", split_seed=0, fold=None, folds=None, master=True,
-               barrier=None):
-    """train.py's data: the cases of `root`, their split (Section IV-A's 70/10/20, a cross-validation fold, or
-    split='all': every case trains, for the model a user deploys), and every case preprocessed (cached).
-    Returns (cases, {name: Prepared}, (train, val, test) names).
+def load_split(root, channel, cache, split="70/10/20", split_seed=0, fold=None, folds=None,
+               master=True, barrier=None):
+    """train.py's data: the cases of `root`, their split (Section IV-A's 70/10/20, a
+    cross-validation fold, or split='all': every case trains, for the model a user deploys), and
+    every case preprocessed (cached). Returns (cases, {name: Prepared}, (train, val, test) names).
 
-    Under DDP, the master alone preprocesses and writes the cache while the other ranks wait at `barrier`,
-    then every rank reads the same cache: no two processes ever write one file."""
+    Under DDP, the master alone preprocesses and writes the cache while the other ranks wait at
+    `barrier`, then every rank reads the same cache: no two processes ever write one file."""
     cases = find_cases(root, channel)
     names = [c.name for c in cases]
-    parts = (sorted(names), [], []) if split == "all" else split_cases(names, split_seed, fold=fold, folds=folds)
+    if split == "all":
+        parts = (sorted(names), [], [])
+    else:
+        parts = split_cases(names, split_seed, fold=fold, folds=folds)
     if master:
         how = f"fold {fold} of {folds}" if folds else split
-        print(f"data {root}: {len(cases)} cases, split {how} train {len(parts[0])} / val {len(parts[1])} / "
-              f"test {len(parts[2])} (split seed {split_seed})")
+        print(f"data {root}: {len(cases)} cases, split {how} train {len(parts[0])} / val "
+              f"{len(parts[1])} / test {len(parts[2])} (split seed {split_seed})")
         prepare_cases(cases, cache)
     if barrier:
         barrier()
     return cases, {p.name: p for p in prepare_cases(cases, cache, log=None)}, parts
 
 
-# ---------------------------------------------------------------------------------------------- Stage 1
+# ------------------------------------------------------------------------------------------ Stage 1
 
-def stage1_volume(volume: np.ndarray, factor: int = STAGE1_FACTOR, order: int = 1, antialias: bool = False) -> np.ndarray:
+def stage1_volume(volume: np.ndarray, factor: int = STAGE1_FACTOR, order: int = 1,
+                  antialias: bool = False) -> np.ndarray:
     """Section III-A: "we down-sample the images into 1/4 size of the original scale by trilinear
     interpolation": voxel j of the result sits at voxel factor*j of the input.
 
-    Trilinear interpolation read at integer positions (4j) is plain decimation, v[::4, ::4, ::4]: three voxels
-    in four are never looked at, and anything thinner than 4 mm (a prostate edge, noise) aliases. The paper
-    is silent on anti-aliasing; antialias=True (`--stage1-antialias`, on in the small-data presets) first
-    low-passes with a Gaussian of sigma = (factor - 1) / 2 voxels (scikit-image's rescale default, 1.5 mm here),
-    which is what down-sampling by interpolation is meant to do; the output grid is unchanged (voxel j still
-    sits at input voxel factor*j), so the Stage-1 centre maps back the same way."""
+    Trilinear interpolation read at integer positions (4j) is plain decimation, v[::4, ::4, ::4]:
+    three voxels in four are never looked at, and anything thinner than 4 mm (a prostate edge,
+    noise) aliases. The paper is silent on anti-aliasing; antialias=True (`--stage1-antialias`, on
+    in the small-data presets) first low-passes with a Gaussian of sigma = (factor - 1) / 2 voxels
+    (scikit-image's rescale default, 1.5 mm here), which is what down-sampling by interpolation is
+    meant to do; the output grid is unchanged (voxel j still sits at input voxel factor*j), so the
+    Stage-1 centre maps back the same way."""
     v = volume.astype(np.float32)
     if antialias:
         v = ndimage.gaussian_filter(v, sigma=(factor - 1) / 2, mode="nearest")
     out_shape = tuple((n - 1) // factor + 1 for n in volume.shape)
-    return ndimage.affine_transform(v, np.full(3, float(factor)), output_shape=out_shape, order=order, mode="nearest")
+    return ndimage.affine_transform(v, np.full(3, float(factor)), output_shape=out_shape,
+                                    order=order, mode="nearest")
 
 
 def stage1_pair(p: Prepared, antialias: bool = False):
-    """(1/4-size image uint8, 1/4-size label uint8) of a preprocessed case. The label is down-sampled as an
-    occupancy (with antialias: the share of prostate around each coarse voxel) and thresholded at 0.5."""
+    """(1/4-size image uint8, 1/4-size label uint8) of a preprocessed case. The label is
+    down-sampled as an occupancy (with antialias: the share of prostate around each coarse voxel)
+    and thresholded at 0.5."""
     img = np.round(stage1_volume(p.image, antialias=antialias)).astype(np.uint8)
     lab = None if p.label is None else (
         stage1_volume(p.label.astype(np.float32), antialias=antialias) >= 0.5).astype(np.uint8)
     return img, lab
 
 
-# ---------------------------------------------------------------------------------------------- Stage 2
+# ------------------------------------------------------------------------------------------ Stage 2
 
 def label_centre(label: np.ndarray) -> np.ndarray:
-    """Centroid of the prostate voxels, in voxels of the 1-mm grid: the ground-truth centre of Stage 2's
-    training crops and the reference that Stage 1's centre error is measured against."""
+    """Centroid of the prostate voxels, in voxels of the 1-mm grid: the ground-truth centre of Stage
+    2's training crops and the reference that Stage 1's centre error is measured against."""
     return np.argwhere(label > 0).mean(0)
 
 
 def prostate_crop(p: Prepared, size: int = CROP_SIZE):
-    """Stage 2's training pair (Section III-B): image and label cropped to size^3 around the ground-truth
-    prostate centre (at test time the centre comes from Stage 1 and the femoral heads instead)."""
+    """Stage 2's training pair (Section III-B): image and label cropped to size^3 around the
+    ground-truth prostate centre (at test time the centre comes from Stage 1 and the femoral heads
+    instead)."""
     c = label_centre(p.label)
     return crop_around(p.image, c, size)[0], crop_around(p.label, c, size)[0]
 
 
 def crop_around(volume: np.ndarray, centre, size: int = CROP_SIZE, fill: int = 0):
-    """Section III-A: a size^3 crop centred on `centre` (voxels), padded with `fill` where it runs past the
-    volume (fill 0 = air after normalisation). Returns (crop, start) with start the crop's corner in
-    `volume`'s voxels (may be negative)."""
+    """Section III-A: a size^3 crop centred on `centre` (voxels), padded with `fill` where it runs
+    past the volume (fill 0 = air after normalisation). Returns (crop, start) with start the crop's
+    corner in `volume`'s voxels (may be negative)."""
     start = np.round(np.asarray(centre, float)).astype(int) - size // 2
     out = np.full((size,) * 3, fill, dtype=volume.dtype)
     src = tuple(slice(max(s, 0), min(s + size, n)) for s, n in zip(start, volume.shape))
@@ -493,59 +575,66 @@ def crop_around(volume: np.ndarray, centre, size: int = CROP_SIZE, fill: int = 0
     return out, start
 
 
-# ---------------------------------------------------------------------------------------------- augmentation
-# Paper is silent on augmentation for MetricUNet itself, and its ablation trains without it on purpose
-# (Section IV-D: "we avoid using many complicated techniques ... e.g., data augmentation"), so `--preset paper`
-# and `--paper-strict` never augment. With a handful of scans it is what keeps a network from memorising them
-# (`--augment spatial`, the small-data presets). Ranges are nnU-Net's, narrowed where 2.5D patches of a
-# resampled, body-cropped CT need less: the patient lies on the table the same way up. The intensity part
-# (`--augment all`) is for uncalibrated images (MRI): on CT, whose Hounsfield units are calibrated, a
-# +-0.05 brightness shift is the whole prostate-muscle contrast (20 HU = 0.05 of the [0, 1] window), and on the
-# phantom it cost validation DSC (0.33 vs 0.84 after 4 epochs, cpu preset).
+# ------------------------------------------------------------------------------------- augmentation
+# Paper is silent on augmentation for MetricUNet itself, and its ablation trains without it on
+# purpose (Section IV-D: "we avoid using many complicated techniques ... e.g., data augmentation"),
+# so `--preset paper` and `--paper-strict` never augment. With a handful of scans it is what keeps a
+# network from memorising them (`--augment spatial`, the small-data presets). Ranges are nnU-Net's,
+# narrowed where 2.5D patches of a resampled, body-cropped CT need less: the patient lies on the
+# table the same way up. The intensity part (`--augment all`) is for uncalibrated images (MRI): on
+# CT, whose Hounsfield units are calibrated, a +-0.05 brightness shift is the whole prostate-muscle
+# contrast (20 HU = 0.05 of the [0, 1] window), and on the phantom it cost validation DSC (0.33 vs
+# 0.84 after 4 epochs, cpu preset).
 AUGMENT = dict(
-    flip=0.5,                     # left-right mirror (RAS axis 0); the pelvis is near-symmetric, the label too
+    # left-right mirror (RAS axis 0); the pelvis is near-symmetric, the label too
+    flip=0.5,
     rotate_deg=15.0,              # in-plane rotation, uniform in +-15 degrees
     scale=(0.85, 1.15),           # in-plane zoom
     gamma=(0.8, 1.25),            # x -> x ** gamma on [0, 1], log-uniform
     contrast=(0.9, 1.1),          # x -> x * c + b
     brightness=(-0.05, 0.05),
-    noise_sd=(0.0, 0.03),         # additive Gaussian noise, sd uniform in this range (of the [0, 1] scale)
+    # additive Gaussian noise, sd uniform in this range (of the [0, 1] scale)
+    noise_sd=(0.0, 0.03),
 )
 
 
 def draw_augmentation(rng: np.random.Generator) -> dict:
     """One patch's augmentation parameters, drawn from AUGMENT."""
     A = AUGMENT
-    return dict(flip=bool(rng.random() < A["flip"]), angle=math.radians(rng.uniform(-A["rotate_deg"], A["rotate_deg"])),
+    return dict(flip=bool(rng.random() < A["flip"]),
+                angle=math.radians(rng.uniform(-A["rotate_deg"], A["rotate_deg"])),
                 scale=rng.uniform(*A["scale"]), gamma=math.exp(rng.uniform(*np.log(A["gamma"]))),
                 contrast=rng.uniform(*A["contrast"]), brightness=rng.uniform(*A["brightness"]),
                 noise_sd=rng.uniform(*A["noise_sd"]), noise_seed=int(rng.integers(2 ** 31)))
 
 
-def patch_coordinates(centre_xy, size: int, angle: float = 0.0, scale: float = 1.0, flip: bool = False):
-    """(2, size, size) input-plane coordinates read by each pixel of an output patch centred on centre_xy:
-    output pixel u (relative to the patch centre) reads input point centre + R(angle) F u / scale, with F the
-    left-right mirror if flip. scale > 1 zooms in (anatomy looks larger). Identity parameters give exactly the
-    unrotated patch, x0 .. x0 + size - 1."""
+def patch_coordinates(centre_xy, size: int, angle: float = 0.0, scale: float = 1.0,
+                      flip: bool = False):
+    """(2, size, size) input-plane coordinates read by each pixel of an output patch centred on
+    centre_xy: output pixel u (relative to the patch centre) reads input point centre + R(angle) F u
+    / scale, with F the left-right mirror if flip. scale > 1 zooms in (anatomy looks larger).
+    Identity parameters give exactly the unrotated patch, x0 .. x0 + size - 1."""
     u = np.arange(size, dtype=np.float64) - (size - 1) / 2
     uu, vv = np.meshgrid(u, u, indexing="ij")
     if flip:
         uu = -uu
     c, s = math.cos(angle), math.sin(angle)
-    return np.stack([centre_xy[0] + (c * uu - s * vv) / scale, centre_xy[1] + (s * uu + c * vv) / scale])
+    return np.stack([centre_xy[0] + (c * uu - s * vv) / scale,
+                     centre_xy[1] + (s * uu + c * vv) / scale])
 
 
 def augment_patch(img_slices: list, label_slice: np.ndarray, centre_xy, size: int, params: dict,
                   intensity: bool = True):
-    """Spatial augmentation of one 2.5D patch, image and label through the same coordinates: each image slice
-    bilinearly, the label as a bilinear occupancy thresholded at 0.5 (as labels are resampled elsewhere).
-    Points outside the volume read 0 (air after normalisation, the crop's own padding). Then, if intensity,
-    the intensity part on the image alone. img_slices: n (X, Y) uint8 slices; returns ((size, size, n) float32 in [0, 1]-ish,
-    (size, size) uint8)."""
+    """Spatial augmentation of one 2.5D patch, image and label through the same coordinates: each
+    image slice bilinearly, the label as a bilinear occupancy thresholded at 0.5 (as labels are
+    resampled elsewhere). Points outside the volume read 0 (air after normalisation, the crop's own
+    padding). Then, if intensity, the intensity part on the image alone. img_slices: n (X, Y) uint8
+    slices; returns ((size, size, n) float32 in [0, 1]-ish, (size, size) uint8)."""
     xy = patch_coordinates(centre_xy, size, params["angle"], params["scale"], params["flip"])
-    x = np.stack([ndimage.map_coordinates(sl, xy, output=np.float32, order=1, mode="constant", cval=0.0)
-                  for sl in img_slices], -1) / 255.0
-    y = ndimage.map_coordinates(label_slice.astype(np.float32), xy, order=1, mode="constant", cval=0.0) >= 0.5
+    read = lambda sl: ndimage.map_coordinates(sl, xy, output=np.float32, order=1, mode="constant",
+                                              cval=0.0)
+    x = np.stack([read(sl) for sl in img_slices], -1) / 255.0
+    y = read(label_slice.astype(np.float32)) >= 0.5
     if not intensity:
         return x.astype(np.float32), y.astype(np.uint8)
     x = np.clip(x, 0, 1) ** params["gamma"] * params["contrast"] + params["brightness"]
@@ -555,33 +644,31 @@ def augment_patch(img_slices: list, label_slice: np.ndarray, centre_xy, size: in
 
 
 class PatchDataset:
-    """2.5D training patches (Section III-A for Stage 1, IV-B for Stage 2) from in-memory uint8 volumes.
+    """2.5D training patches (Section III-A for Stage 1, IV-B for Stage 2) from in-memory uint8
+    volumes.
 
-    Item i is patch (i mod patches_per_image) of volume (i // patches_per_image): `n_slices` adjacent axial
-    slices as channels (scaled to [0, 1]) and the label of the middle slice. Its position is drawn from a
-    generator seeded by (seed, i), so the training set is a fixed set of patches per image, as in Section
-    IV-B ("we cropped 500 patches from each training image"), the same in every DataLoader worker and after
-    a resume; a DistributedSampler gives each rank different indices and so different patches. Slices past the volume
-    repeat the edge slice; in-plane, volumes smaller than the patch are zero-padded.
+    Item i is patch (i mod patches_per_image) of volume (i // patches_per_image): `n_slices`
+    adjacent axial slices as channels (scaled to [0, 1]) and the label of the middle slice. Its
+    position is drawn from a generator seeded by (seed, i), so the training set is a fixed set of
+    patches per image, as in Section IV-B ("we cropped 500 patches from each training image"), the
+    same in every DataLoader worker and after a resume; a DistributedSampler gives each rank
+    different indices and so different patches. Slices past the volume repeat the edge slice;
+    in-plane, volumes smaller than the patch are zero-padded.
 
-    Paper is silent on where patches are drawn ("randomly cropped ... in a sliding-window fashion"). A
-    fraction `fg_fraction` of patches (default 1/3, nnU-Net's foreground oversampling) is centred on a random
-    prostate voxel, the rest are uniform over the volume, because the prostate fills about 3 % of a 128^3 crop.
+    Paper is silent on where patches are drawn ("randomly cropped ... in a sliding-window fashion").
+    A fraction `fg_fraction` of patches (default 1/3, nnU-Net's foreground oversampling) is centred
+    on a random prostate voxel, the rest are uniform over the volume, because the prostate fills
+    about 3 % of a 128^3 crop.
 
-    fp_fraction (paper is silent; train.py --fp-patches): that share of the background patches is centred instead
-    on a voxel the network itself called prostate in its own training crop after the last epoch (set_fp_voxels).
-    Uniform background patches show the network mostly fat and muscle; the look-alikes it gets wrong (rectal
-    content, the bladder wall) are few, so this is hard-example mining at the patch level, the counterpart of
-    Section III-B-2's focal-hard negatives at the voxel level. With 0 no extra random number is drawn: the patches
-    are exactly the ones without it.
+    augment ('off', 'spatial' or 'all'; paper is silent, see AUGMENT) transforms each patch on the
+    fly, from its own few slices only (no full-volume work per step). An index past len(self) means
+    epoch (i // len) of patch (i % len): the patch stays the same, its augmentation is drawn from
+    (seed, patch, epoch), so every epoch sees a new, reproducible variant (EpochIndexSampler adds
+    epoch * len to the indices)."""
 
-    augment ('off', 'spatial' or 'all'; paper is silent, see AUGMENT) transforms each patch on the fly, from its own few slices only
-    (no full-volume work per step). An index past len(self) means epoch (i // len) of patch (i % len): the
-    patch stays the same, its augmentation is drawn from (seed, patch, epoch), so every epoch sees a new,
-    reproducible variant (EpochIndexSampler adds epoch * len to the indices)."""
-
-    def __init__(self, images, labels, patch: int = 64, n_slices: int = 3, patches_per_image: int = 500,
-                 fg_fraction: float = 1 / 3, seed: int = 0, augment: str = "off", fp_fraction: float = 0.0):
+    def __init__(self, images, labels, patch: int = 64, n_slices: int = 3,
+                 patches_per_image: int = 500,
+                 fg_fraction: float = 1 / 3, seed: int = 0, augment: str = "off"):
         augment = {False: "off", True: "all"}.get(augment, augment)
         if augment not in ("off", "spatial", "all"):
             raise ValueError(f"augment must be 'off', 'spatial' or 'all', got {augment!r}")
@@ -592,14 +679,6 @@ class PatchDataset:
         self.fg = [np.argwhere(lab > 0) for lab in self.labels]
         self.patch, self.n_slices, self.per_image = patch, n_slices, patches_per_image
         self.fg_fraction, self.seed, self.augment = fg_fraction, seed, augment
-        self.fp_fraction, self.fp = fp_fraction, [np.zeros((0, 3), np.int64)] * len(self.images)
-
-    def set_fp_voxels(self, voxels):
-        """The network's false-positive voxels, one (N, 3) array of (x, y, z) per image (train.mine_false_positives).
-        DataLoader workers copy the data set when they start, so the loader must not keep persistent workers."""
-        if len(voxels) != len(self.images):
-            raise ValueError(f"need one false-positive array per image ({len(self.images)}), got {len(voxels)}")
-        self.fp = [np.asarray(v, np.int64).reshape(-1, 3) for v in voxels]
 
     @staticmethod
     def _pad(v, patch):
@@ -619,13 +698,11 @@ class PatchDataset:
         centre = None
         if len(fg) and rng.random() < self.fg_fraction:
             centre = fg[rng.integers(len(fg))]
-        elif self.fp_fraction and rng.random() < self.fp_fraction and len(self.fp[v]):
-            # a false-positive patch: which of the network's mistakes is drawn afresh each epoch
-            centre = self.fp[v][np.random.default_rng((self.seed, i, epoch, 2)).integers(len(self.fp[v]))]
         if centre is not None:
             c = centre
-            x0 = int(np.clip(c[0] - P // 2 + rng.integers(-P // 4, P // 4 + 1), 0, img.shape[0] - P))
-            y0 = int(np.clip(c[1] - P // 2 + rng.integers(-P // 4, P // 4 + 1), 0, img.shape[1] - P))
+            jitter = (-P // 4, P // 4 + 1)                     # the prostate voxel within +-16
+            x0 = int(np.clip(c[0] - P // 2 + rng.integers(*jitter), 0, img.shape[0] - P))
+            y0 = int(np.clip(c[1] - P // 2 + rng.integers(*jitter), 0, img.shape[1] - P))
             z = int(c[2])
         else:
             x0, y0 = rng.integers(0, img.shape[0] - P + 1), rng.integers(0, img.shape[1] - P + 1)
@@ -633,7 +710,8 @@ class PatchDataset:
         zs = np.clip(np.arange(z - half, z + half + 1), 0, img.shape[2] - 1)
         if self.augment != "off":
             params = draw_augmentation(np.random.default_rng((self.seed, i, epoch, 1)))
-            x, y = augment_patch([img[:, :, k] for k in zs], lab[:, :, z], (x0 + (P - 1) / 2, y0 + (P - 1) / 2),
+            x, y = augment_patch([img[:, :, k] for k in zs], lab[:, :, z],
+                                 (x0 + (P - 1) / 2, y0 + (P - 1) / 2),
                                  P, params, intensity=self.augment == "all")
             return (torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1))),
                     torch.from_numpy(y.astype(np.int64)))
@@ -644,11 +722,11 @@ class PatchDataset:
 
 
 class EpochIndexSampler:
-    """Wraps a DistributedSampler: yields its indices plus epoch * len(dataset), which PatchDataset reads as
-    the same patch with that epoch's augmentation. The epoch travels inside the index, so persistent
-    DataLoader workers (each holds its own copy of the dataset) need no shared state, and a resumed run
-    draws exactly what the uninterrupted run would have drawn. (A DataLoader accepts any iterable with a
-    length as its sampler, so this needs no torch import.)"""
+    """Wraps a DistributedSampler: yields its indices plus epoch * len(dataset), which PatchDataset
+    reads as the same patch with that epoch's augmentation. The epoch travels inside the index, so
+    persistent DataLoader workers (each holds its own copy of the dataset) need no shared state, and
+    a resumed run draws exactly what the uninterrupted run would have drawn. (A DataLoader accepts
+    any iterable with a length as its sampler, so this needs no torch import.)"""
 
     def __init__(self, sampler, n: int):
         self.sampler, self.n = sampler, n
@@ -661,21 +739,23 @@ class EpochIndexSampler:
 
 
 def slices_25d(volume: np.ndarray, n_slices: int, multiple: int = 8):
-    """Every axial slice of a whole volume with its neighbours as channels, for inference without patch
-    voting (Section IV-B): (Z, n_slices, X', Y') float32 in [0, 1], X and Y zero-padded to a multiple of 8."""
+    """Every axial slice of a whole volume with its neighbours as channels, for inference without
+    patch voting (Section IV-B): (Z, n_slices, X', Y') float32 in [0, 1], X and Y zero-padded to a
+    multiple of 8."""
     half = n_slices // 2
     X, Y, Z = volume.shape
     Xp, Yp = -(-X // multiple) * multiple, -(-Y // multiple) * multiple
     v = np.zeros((Xp, Yp, Z), np.float32)
     v[:X, :Y] = volume
-    idx = np.clip(np.arange(Z)[:, None] + np.arange(-half, half + 1)[None], 0, Z - 1)   # (Z, n_slices)
+    # (Z, n_slices)
+    idx = np.clip(np.arange(Z)[:, None] + np.arange(-half, half + 1)[None], 0, Z - 1)
     return v[:, :, idx].transpose(2, 3, 0, 1) / 255.0
 
 
 def to_original_grid(prob_1mm: np.ndarray, meta: dict, threshold: float | None = 0.5) -> np.ndarray:
-    """Inverse of preprocess: a probability map on the body-cropped 1-mm RAS grid -> the input's own grid
-    (shape and axis order), by trilinear interpolation of the probability; then a uint8 mask (> threshold),
-    or the float32 probability itself when threshold is None."""
+    """Inverse of preprocess: a probability map on the body-cropped 1-mm RAS grid -> the input's own
+    grid (shape and axis order), by trilinear interpolation of the probability; then a uint8 mask (>
+    threshold), or the float32 probability itself when threshold is None."""
     from nibabel import orientations as O
     geo = meta["geometry"]
     grid = np.zeros(meta["grid_shape"], np.float32)
@@ -686,187 +766,32 @@ def to_original_grid(prob_1mm: np.ndarray, meta: dict, threshold: float | None =
     ras_shape = np.empty(3, int)
     ras_shape[ornt[:, 0].astype(int)] = geo["shape"]
     # voxel i of the RAS-ordered original grid sits at i * spacing mm on the 1-mm grid
-    prob = ndimage.affine_transform(grid, spacing / SPACING_MM, output_shape=tuple(ras_shape), order=1,
-                                    mode="constant", cval=0.0)
+    prob = ndimage.affine_transform(grid, spacing / SPACING_MM, output_shape=tuple(ras_shape),
+                                    order=1, mode="constant", cval=0.0)
     out = prob.astype(np.float32) if threshold is None else (prob > threshold).astype(np.uint8)
     back = O.ornt_transform(O.axcodes2ornt(("R", "A", "S")), ornt)     # RAS -> original axes
     return np.ascontiguousarray(O.apply_orientation(out, back))
 
 
-# ---------------------------------------------------------------------------------------------- phantom
-
-def _ellipsoid(grid_mm, centre, radii, rot=None):
-    """Boolean ellipsoid on a grid given as three broadcastable coordinate arrays in mm."""
-    x, y, z = (g - c for g, c in zip(grid_mm, centre))
-    if rot is not None:
-        x, y = x * rot[0] + y * rot[1], -x * rot[1] + y * rot[0]
-    return (x / radii[0]) ** 2 + (y / radii[1]) ** 2 + (z / radii[2]) ** 2 <= 1.0
-
-
-def make_phantom_case(seed: int, spacing=None):
-    """One synthetic pelvic CT in HU (int16) with its prostate mask, on a RAS-ordered grid.
-
-    Anatomy, in mm from the pelvis centre (x right, y anterior, z superior): an elliptical body of
-    subcutaneous fat around muscle; a fatty pelvic cavity; two femoral heads (cortical shell 900-1200 HU,
-    trabecular core 200-350 HU) with their necks; the pubic bones in front of the prostate; a bladder of
-    variable filling above it; a rectum with gas and stool behind it; and the prostate (20-80 ml, lobulated
-    ellipsoid, 25-40 HU) inside a sling of muscle (45-60 HU): a contrast of a few tens of HU. Blurred by an
-    in-plane PSF and the slice profile, then Gaussian noise of sigma 10-25 HU.
-    Returns (hu int16, label uint8, spacing (3,), truth dict)."""
-    rng = np.random.default_rng(seed)
-    s_xy = rng.uniform(0.93, 1.37) if spacing is None else spacing[0]
-    s_z = rng.choice([1.0, 1.25, 1.5, 2.0, 2.5, 3.0]) if spacing is None else spacing[2]
-    ax, ay = rng.uniform(135, 155), rng.uniform(90, 110)            # body half-axes
-    nx, ny, nz = int((2 * ax + 40) / s_xy), int((2 * ay + 40) / s_xy), int(rng.uniform(110, 130) / s_z)
-    y_off = rng.uniform(-8, 8)                                      # body not always centred in the FOV
-    x = ((np.arange(nx) - (nx - 1) / 2) * s_xy)[:, None, None]
-    y = ((np.arange(ny) - (ny - 1) / 2) * s_xy + y_off)[None, :, None]
-    z = ((np.arange(nz) - (nz - 1) / 2) * s_z)[None, None, :]
-    g = (x, y, z)
-
-    def to_vox(p):                                                  # mm -> voxel coordinates
-        return [p[0] / s_xy + (nx - 1) / 2, (p[1] - y_off) / s_xy + (ny - 1) / 2, p[2] / s_z + (nz - 1) / 2]
-
-    hu = np.full((nx, ny, nz), -1000.0, np.float32)
-    # body: fat, then muscle, then the fatty pelvic cavity
-    taper = 1 + 0.08 * z / 60
-    fat = rng.uniform(12, 30)
-    hu[np.broadcast_to((x / (ax * taper)) ** 2 + (y / ay) ** 2 <= 1, hu.shape)] = -100 + rng.normal(0, 5)
-    hu[np.broadcast_to((x / (ax * taper - fat)) ** 2 + (y / (ay - fat)) ** 2 <= 1, hu.shape)] = 50
-    hu[np.broadcast_to((x / 62) ** 2 + ((y - 5) / 48) ** 2 <= 1, hu.shape)] = -85
-    # femoral heads and necks
-    xf, yf, zf, rf = rng.uniform(78, 88), rng.uniform(-5, 10), rng.uniform(-5, 15), rng.uniform(20, 24)
-    heads = []
-    for sgn in (-1, 1):
-        c = np.array([sgn * xf, yf, zf]) + rng.normal(0, 1.0, 3)
-        heads.append(c)
-        for t in np.linspace(0, 1, 12):                             # neck: chain of balls, lateral-inferior
-            cc = c + t * np.array([sgn * 28, -5, -38])
-            hu[_ellipsoid(g, cc, (12, 12, 12))] = 700
-        hu[_ellipsoid(g, c, (rf, rf, rf))] = rng.uniform(900, 1200)
-        hu[_ellipsoid(g, c, (rf - 2.5,) * 3)] = rng.uniform(200, 350)
-    mid = (heads[0] + heads[1]) / 2
-    # prostate: below the femoral-head level, lobulated ellipsoid of 20-80 ml
-    vol_ml = rng.uniform(20, 80)
-    shape = rng.uniform(0.8, 1.25, 3)
-    r = (vol_ml * 1000 * 3 / (4 * math.pi) / np.prod(shape)) ** (1 / 3) * shape
-    pc = mid + np.array([rng.normal(0, 3), rng.uniform(-8, 6), -rng.uniform(12, 28)])
-    ang = rng.uniform(-0.3, 0.3)
-    rot = (math.cos(ang), math.sin(ang))
-    # muscle sling (levator ani) and obturator muscles around the prostate, then the pubic bones in front
-    hu[_ellipsoid(g, pc + [0, -4, -3], r * [1.45, 1.4, 1.25], rot)] = rng.uniform(45, 60)
-    for sgn in (-1, 1):
-        hu[_ellipsoid(g, pc + [sgn * (r[0] + 14), 0, 0], (10, 30, 28))] = rng.uniform(45, 60)
-        hu[_ellipsoid(g, pc + [sgn * 22, r[1] + 20, 2], (20, 6, 12))] = 800   # pubic rami
-    hu[_ellipsoid(g, pc + [0, r[1] + 22, 2], (8, 9, 16))] = 600              # symphysis
-    for sgn in (-1, 1):                                                       # ischial bones, behind-lateral
-        hu[_ellipsoid(g, pc + [sgn * 52, -r[1] - 12, -8], (11, 16, 30))] = 750
-    # lobulated prostate: radius modulated by smooth random bumps
-    px, py, pz = (gi - ci for gi, ci in zip(g, pc))
-    px, py = px * rot[0] + py * rot[1], -px * rot[1] + py * rot[0]
-    rho = np.sqrt((px / r[0]) ** 2 + (py / r[1]) ** 2 + (pz / r[2]) ** 2)
-    theta = np.arctan2(py, px)
-    bump = 1 + 0.06 * np.sin(2 * theta + rng.uniform(0, 6)) + 0.05 * np.cos(3 * theta + rng.uniform(0, 6)) \
-        + 0.05 * pz / r[2] * np.sign(py)
-    prostate = np.broadcast_to(rho <= bump, hu.shape)
-    hu[prostate] = rng.uniform(25, 40)
-    # bladder above, with a muscular wall; filling varies
-    br = np.array([rng.uniform(28, 55), rng.uniform(22, 42), rng.uniform(18, 38)])
-    bc = pc + np.array([0, rng.uniform(0, 10), r[2] + br[2] * 0.85])
-    hu[_ellipsoid(g, bc, br + 3) & ~prostate] = 45
-    hu[_ellipsoid(g, bc, br) & ~prostate] = rng.uniform(0, 15)
-    # rectum behind, along z with a slight curve; wall, stool and gas
-    rr = rng.uniform(13, 19)
-    ry = pc[1] - r[1] - rr - rng.uniform(2, 6)
-    curve = ry + 0.004 * (z - pc[2]) ** 2
-    tube = (x - pc[0]) ** 2 + (y - curve) ** 2
-    hu[np.broadcast_to(tube <= rr ** 2, hu.shape) & ~prostate] = 40
-    lumen = np.broadcast_to(tube <= (rr - 3) ** 2, hu.shape)
-    stool = ndimage.gaussian_filter(rng.normal(0, 1, hu.shape).astype(np.float32), 2.0)
-    hu[lumen] = np.where(stool[lumen] > 0.12, -900, 20 + 400 * stool[lumen])
-    hu[_ellipsoid(g, [pc[0], ry - rr - 14, pc[2] + 35], (22, 10, 35))] = 650   # sacrum / coccyx behind the rectum
-    # slice profile (Gaussian, FWHM = one slice) and in-plane PSF, then noise
-    hu = ndimage.gaussian_filter(hu, (0.7 / s_xy, 0.7 / s_xy, 0.45))
-    hu += rng.normal(0, rng.uniform(10, 25), hu.shape).astype(np.float32)
-    label = np.asarray(prostate, np.uint8)
-    truth = dict(femoral_head_centres_vox=[to_vox(h) for h in heads], femoral_midpoint_vox=to_vox(mid),
-                 prostate_centre_vox=to_vox(pc), prostate_volume_ml=float(label.sum() * s_xy * s_xy * s_z / 1000))
-    return np.clip(np.round(hu), -1024, 3071).astype(np.int16), label, np.array([s_xy, s_xy, s_z]), truth
-
-
-def make_phantom(out_dir, cases: int = 20, seed: int = 0, log=print) -> Path:
-    """Write a Decathlon-layout phantom data set (dataset.json, imagesTr, labelsTr) into a new folder.
-
-    Each case has its own spacing (in-plane 0.93-1.37 mm, slices 1-3 mm, as in Section IV-A) and affine;
-    odd cases are stored LPS (x and y flipped, as DICOM converters write CT) to exercise reorientation."""
-    import nibabel as nib
-    out = Path(out_dir)
-    if cases < 1:
-        raise ValueError(f"--cases must be at least 1, got {cases}")
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} is a file; the phantom is written to a new folder")
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty; the phantom is only written to a new folder")
-    (out / "imagesTr").mkdir(parents=True, exist_ok=True)
-    (out / "labelsTr").mkdir(exist_ok=True)
-    training, truth = [], {}
-    t0 = time.time()
-    for i in range(cases):
-        hu, lab, sp, tr = make_phantom_case(seed * 100003 + i)
-        name = f"phantom_{i:03d}"
-        aff = np.diag([sp[0], sp[1], sp[2], 1.0])
-        aff[:3, 3] = np.random.default_rng(seed * 7 + i).uniform(-200, 200, 3)
-        if i % 2:                                                     # store as LPS
-            hu, lab = hu[::-1, ::-1], lab[::-1, ::-1]
-            aff = aff @ np.array([[-1, 0, 0, hu.shape[0] - 1], [0, -1, 0, hu.shape[1] - 1],
-                                  [0, 0, 1, 0], [0, 0, 0, 1]], float)
-            n = hu.shape
-            for key in ("femoral_head_centres_vox",):
-                tr[key] = [[n[0] - 1 - c[0], n[1] - 1 - c[1], c[2]] for c in tr[key]]
-            for key in ("femoral_midpoint_vox", "prostate_centre_vox"):
-                c = tr[key]
-                tr[key] = [n[0] - 1 - c[0], n[1] - 1 - c[1], c[2]]
-        tr["femoral_midpoint_world"] = (aff @ np.r_[tr["femoral_midpoint_vox"], 1])[:3].tolist()
-        img = nib.Nifti1Image(np.ascontiguousarray(hu), aff)
-        img.header.set_xyzt_units("mm")
-        nib.save(img, str(out / "imagesTr" / f"{name}.nii.gz"))
-        nib.save(nib.Nifti1Image(np.ascontiguousarray(lab), aff), str(out / "labelsTr" / f"{name}.nii.gz"))
-        training.append({"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz"})
-        truth[name] = tr
-        if log:
-            log(f"  phantom {i + 1}/{cases}: {name} {hu.shape} at {sp.round(2).tolist()} mm, prostate "
-                f"{tr['prostate_volume_ml']:.0f} ml ({time.time() - t0:.0f} s)")
-    meta = {"name": "MetricUNet synthetic pelvic CT phantom", "description": "data.py make_phantom, seed %d" % seed,
-            "modality": {"0": "CT"}, "labels": {"0": "background", "1": "prostate"},
-            "numTraining": cases, "training": training, "phantom_truth": truth}
-    (out / "dataset.json").write_text(json.dumps(meta, indent=1))
-    return out
-
-
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
-    ph = sub.add_parser("phantom", help="write a synthetic pelvic-CT data set (Decathlon layout)")
-    ph.add_argument("out_dir")
-    ph.add_argument("--cases", type=int, default=20)
-    ph.add_argument("--seed", type=int, default=0)
-    ins = sub.add_parser("inspect", help="list a data set's cases and split, preprocess and cache them")
-    ins.add_argument("data_dir")
-    ins.add_argument("--channel", default="0")
-    ins.add_argument("--cache", default="data_cache")
-    ins.add_argument("--seed", type=int, default=0)
+    """`python data.py DATA_DIR`: what train.py would see: the cases, the split, and every case
+    preprocessed into the cache (a one-line error for bad input, exit code 2)."""
+    p = argparse.ArgumentParser(description="List a data set's cases and split; preprocess and "
+                                            "cache them.")
+    p.add_argument("data_dir", help="Decathlon, nnU-Net or images/ + labels/ data set folder")
+    p.add_argument("--channel", default="0",
+                   help="channel of 4-D images, by index or name (e.g. T2)")
+    p.add_argument("--cache", default="data_cache", help="preprocessed-volume cache folder")
+    p.add_argument("--split-seed", type=int, default=0, help="the 70/10/20 split (as train.py)")
     args = p.parse_args(argv)
     try:
-        if args.cmd == "phantom":
-            make_phantom(args.out_dir, args.cases, args.seed)
-        else:
-            cases = find_cases(args.data_dir, args.channel)
-            tr, va, te = split_cases([c.name for c in cases], args.seed)
-            print(f"{len(cases)} cases; split train {len(tr)} / val {len(va)} / test {len(te)}")
-            for prep in prepare_cases(cases, args.cache):
-                print(f"  {prep.name}: 1-mm body crop {prep.image.shape}, prostate {prep.label.sum() / 1000:.0f} ml, "
-                      f"reference: {prep.meta['reference_note']}")
-    except (ValueError, OSError) as e:                  # DataError is a ValueError; FileExistsError an OSError
+        cases = find_cases(args.data_dir, args.channel)
+        tr, va, te = split_cases([c.name for c in cases], args.split_seed)
+        print(f"{len(cases)} cases; split train {len(tr)} / val {len(va)} / test {len(te)}")
+        for prep in prepare_cases(cases, args.cache):
+            print(f"  {prep.name}: 1-mm body crop {prep.image.shape}, prostate "
+                  f"{prep.label.sum() / 1000:.0f} ml, reference: {prep.meta['reference_note']}")
+    except (ValueError, OSError) as e:                  # DataError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

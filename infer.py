@@ -1,18 +1,20 @@
 """Segment the prostate in new images with a trained two-stage MetricUNet (Sections III-A, IV-B).
 
-    python infer.py RUN_DIR INPUT OUTPUT_DIR [--save-prob] [--channel T2] [--largest-component] [--png DIR [--gt GT]]
+    python infer.py RUN_DIR INPUT OUTPUT_DIR [--save-prob] [--channel T2] [--largest-component]
+    [--png DIR [--gt GT]]
 
-INPUT is a NIfTI file or a folder of them (a Decathlon/nnU-Net root's imagesTr/ is used). For each image:
-  body crop + 1 mm + [0, 255] (Section IV-B, data.preprocess)
-  -> 1/4 size -> Stage 1 on whole slices (Section III-A)
-  -> prostate centre = mean of the femoral-head reference centre and the Stage-1 centre (Section III-A)
-  -> 128^3 crop at 1 mm -> Stage 2 on whole slices, no patch voting (Section IV-B)
-  -> probability mapped back onto the input's own grid -> OUTPUT_DIR/CASE.nii.gz (uint8 mask, the input's
+INPUT is a NIfTI file or a folder of them (a Decathlon/nnU-Net root's imagesTr/ is used). For each
+image:
+  body crop + 1 mm + [0, 255] (Section IV-B, data.preprocess) -> 1/4 size -> Stage 1 on whole slices
+  (Section III-A) -> prostate centre = mean of the femoral-head reference centre and the Stage-1
+  centre (Section III-A) -> 128^3 crop at 1 mm -> Stage 2 on whole slices, no patch voting (Section
+  IV-B) -> probability mapped back onto the input's own grid -> OUTPUT_DIR/CASE.nii.gz (uint8 mask,
+  the input's
      affine and shape); with --save-prob also CASE_prob.nii.gz (float32 heatmap, Fig. 1).
-With --png DIR, a picture per case: axial slices through the prostate with the prediction's contour (red), the
-ground truth's when --gt is given (green, as in Fig. 8), and the heatmap (Fig. 1).
-It never writes inside an input data folder and never replaces an existing file unless --overwrite is given.
-"""
+With --png DIR, a picture per case: axial slices through the prostate with the prediction's contour
+(red), the ground truth's when --gt is given (green, as in Fig. 8), and the heatmap (Fig. 1). It
+never writes inside an input data folder and never replaces an existing file unless --overwrite is
+given. """
 from __future__ import annotations
 
 import argparse
@@ -23,13 +25,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import data
+import figures
 import metricunet as M
 
 
 def load_models(run_dir, device):
-    """The best Stage-1 and Stage-2 checkpoints of a run (weights_only: no pickle code is executed), and the
-    Stage-2 run's arguments with Stage 1's own stage1_antialias. Each network is rebuilt from the sizes its
-    checkpoint records (filters, config, width), so any run folder of any preset loads without flags."""
+    """The best Stage-1 and Stage-2 checkpoints of a run (weights_only: no pickle code is executed),
+    and the Stage-2 run's arguments with Stage 1's own stage1_antialias. Each network is rebuilt
+    from the sizes its checkpoint records (filters, config, width), so any run folder of any preset
+    loads without flags."""
     run = Path(run_dir)
     models = []
     for stage in (1, 2):
@@ -43,13 +47,16 @@ def load_models(run_dir, device):
                      else M.build_model(a["config"], in_channels=3, width=a["width"]))
             model.load_state_dict(ck["model"])
         except Exception as e:  # truncated, garbage, foreign or code-carrying files all end here
-            raise ValueError(f"{path}: not a valid or trusted train.py checkpoint ({type(e).__name__}); it was not "
+            raise ValueError(f"{path}: not a valid or trusted train.py checkpoint "
+                             f"({type(e).__name__}); it was not "
                              f"loaded. Use the run folder train.py wrote, or retrain") from None
-        # channels-last memory layout: the same weights, stored pixel by pixel; oneDNN's convolutions run
-        # faster on it (bench.py infer: Stage 2 at Table I width ~19 % faster on 2 CPU cores, outputs equal
-        # to 1e-7). Inference only: training measured 9 % slower with it, so train.py leaves it alone.
+        # channels-last memory layout: the same weights, stored pixel by pixel; oneDNN's
+        # convolutions run faster on it (bench.py infer: Stage 2 at Table I width ~19 % faster on 2
+        # CPU cores, outputs equal to 1e-7). Inference only: training measured 9 % slower with it,
+        # so train.py leaves it alone.
         models.append(model.to(device).eval().to(memory_format=torch.channels_last))
-        if stage == 1:                      # how Stage 1 saw its input (it may come from another run)
+        # how Stage 1 saw its input (it may come from another run)
+        if stage == 1:
             stage1_antialias = bool(a.get("stage1_antialias", False))
     return models[0], models[1], dict(ck["args"], stage1_antialias=stage1_antialias)
 
@@ -57,8 +64,9 @@ def load_models(run_dir, device):
 @torch.inference_mode()
 def predict_volume(model, volume_u8, n_slices, device, chunk=8, amp=False):
     """Whole-slice inference without patch voting (Section IV-B): prostate probability, same shape.
-    Under inference_mode (no autograd bookkeeping at all, a little faster than no_grad). A model stored
-    channels-last (load_models) gets its input in the same layout, so no convolution converts it."""
+    Under inference_mode (no autograd bookkeeping at all, a little faster than no_grad). A model
+    stored channels-last (load_models) gets its input in the same layout, so no convolution converts
+    it."""
     x = data.slices_25d(volume_u8, n_slices)
     out = np.empty((x.shape[0],) + x.shape[2:], np.float32)
     first = next(p for p in model.parameters() if p.dim() == 4)
@@ -73,8 +81,9 @@ def predict_volume(model, volume_u8, n_slices, device, chunk=8, amp=False):
 
 
 def stage1_centre(prob_quarter: np.ndarray):
-    """Section III-A: "the rough predicted prostate center is determined by the coarse prostate segmentation".
-    Paper is silent on stray voxels: we take the centroid of the largest connected component, in 1-mm voxels."""
+    """Section III-A: "the rough predicted prostate center is determined by the coarse prostate
+    segmentation". Paper is silent on stray voxels: we take the centroid of the largest connected
+    component, in 1-mm voxels."""
     mask = prob_quarter > 0.5
     if not mask.any():
         return None
@@ -82,8 +91,9 @@ def stage1_centre(prob_quarter: np.ndarray):
 
 
 def prostate_centre(reference, predicted, shape, log=print, name=""):
-    """Section III-A: "The prostate centroid is calculated by an average of the reference prostate center and
-    rough predicted prostate center." Either one alone if the other is missing; the volume centre if neither."""
+    """Section III-A: "The prostate centroid is calculated by an average of the reference prostate
+    center and rough predicted prostate center." Either one alone if the other is missing; the
+    volume centre if neither."""
     if reference is not None and predicted is not None:
         return (np.asarray(reference) + np.asarray(predicted)) / 2
     if predicted is not None:
@@ -99,192 +109,61 @@ def segment(prep: data.Prepared, stage1, stage2, device, log=print, largest_comp
             stage1_antialias=False):
     """One preprocessed case -> (prostate probability on the 1-mm body crop, centre used).
     stage1_antialias: down-sample as the run's Stage 1 was trained (train.py --stage1-antialias)."""
-    # Section III-A: Stage 1 sees the whole body at 1/4 size, 5 slices at a time, and only has to say where
-    # the prostate is; its centre is averaged with the femoral-head reference centre (CT).
+    # Section III-A: Stage 1 sees the whole body at 1/4 size, 5 slices at a time, and only has to
+    # say where the prostate is; its centre is averaged with the femoral-head reference centre (CT).
     img1, _ = data.stage1_pair(prep, antialias=stage1_antialias)
     p1 = predict_volume(stage1, img1, 5, device)
-    centre = prostate_centre(prep.meta["reference_centre"], stage1_centre(p1), prep.image.shape, log, prep.name)
-    # Section III-B: Stage 2 segments the 128^3 crop at 1 mm around that centre, 3 slices at a time. The crop
-    # is padded past the body's edge, so a centre near the border still gives a full-size input.
+    centre = prostate_centre(prep.meta["reference_centre"], stage1_centre(p1), prep.image.shape,
+                             log, prep.name)
+    # Section III-B: Stage 2 segments the 128^3 crop at 1 mm around that centre, 3 slices at a time.
+    # The crop is padded past the body's edge, so a centre near the border still gives a full-size
+    # input.
     crop, start = data.crop_around(prep.image, centre, data.CROP_SIZE)
     p2 = predict_volume(stage2, crop, 3, device)
     if largest_component:                      # optional; the paper uses no post-processing
         keep = data.largest_component(p2 > 0.5)
         p2 = np.where(keep | (p2 <= 0.5), p2, 0.0)
-    # the crop's probabilities pasted back into the body crop (zero outside), clipped where the crop overhangs
+    # the crop's probabilities pasted back into the body crop (zero outside), clipped where the crop
+    # overhangs
     prob = np.zeros(prep.image.shape, np.float32)
-    src = tuple(slice(max(s, 0), min(s + data.CROP_SIZE, n)) for s, n in zip(start, prep.image.shape))
+    src = tuple(slice(max(s, 0),
+                      min(s + data.CROP_SIZE, n)) for s, n in zip(start, prep.image.shape))
     dst = tuple(slice(a.start - s, a.stop - s) for a, s in zip(src, start))
     prob[src] = p2[dst]
     return prob, centre
 
 
-# ---------------------------------------------------------------------------------------------- scoring
-# What train.py measures with the same inference path a user runs: validation after every epoch (whole
-# slices, no patch voting, as at test time), Stage 1 on the test split, and the test split end to end.
-
-def dice(pred: np.ndarray, gt: np.ndarray) -> float:
-    """Dice similarity coefficient (Eq. 5) of two boolean arrays; 1 when both are empty."""
-    s = pred.sum() + gt.sum()
-    return 1.0 if s == 0 else 2.0 * float(np.logical_and(pred, gt).sum()) / float(s)
-
-
-def validate_stage1(model, pairs, device, amp=False):
-    """Stage-1 validation (Section III-A): mean DSC on the 1/4-size images, and the mean distance in mm
-    between the centroids of prediction and label (what the crop depends on). NaN when there is no
-    validation set (cross-validation folds) or nothing was found."""
-    if not pairs:
-        return float("nan"), float("nan")
-    dscs, errs = [], []
-    for img, lab in pairs:
-        pred = predict_volume(model, img, 5, device, amp=amp) > 0.5
-        dscs.append(dice(pred, lab > 0))
-        if pred.any():
-            errs.append(np.linalg.norm((np.argwhere(pred).mean(0) - np.argwhere(lab).mean(0)) * data.STAGE1_FACTOR))
-    return float(np.mean(dscs)), float(np.mean(errs)) if errs else float("nan")
-
-
-def validate_stage2(model, crops, device, amp=False):
-    """Stage-2 validation DSC on the 128^3 crops around the ground-truth centre (Section III-B; no centre
-    error for Stage 2: NaN)."""
-    if not crops:
-        return float("nan"), float("nan")
-    dscs = [dice(predict_volume(model, img, 3, device, amp=amp) > 0.5, lab > 0) for img, lab in crops]
-    return float(np.mean(dscs)), float("nan")
-
-
-def score_stage1(model, preps: dict, names, device, antialias: bool, csv_path: Path) -> list[dict]:
-    """Stage 1 on the test split (Section III-A's job: find the prostate): DSC at 1/4 size, and the error in mm
-    of the centre that inference uses (stage1_centre, largest component) against the ground-truth centroid;
-    NaN if Stage 1 found nothing. Cross-validation folds have no validation set, so this is where a
-    leave-one-out Stage 1 is judged. Written to csv_path (train.py: stage1_test.csv)."""
-    import metrics
-    rows = []
-    for n in names:
-        img1, lab1 = data.stage1_pair(preps[n], antialias=antialias)
-        prob = predict_volume(model, img1, 5, device)
-        c = stage1_centre(prob)
-        err = float("nan") if c is None else float(np.linalg.norm(c - data.label_centre(preps[n].label)))
-        rows.append(dict(case=n, dsc_quarter=dice(prob > 0.5, lab1 > 0), centre_error_mm=err))
-        print(f"stage 1 on test case {n}: DSC {rows[-1]['dsc_quarter']:.4f} at 1/4 size, centre error "
-              + (f"{err:.1f} mm" if c is not None else "- (no prostate found)"))
-    metrics.write_csv(csv_path, rows)
-    return rows
-
-
-def score_test_split(run_dir: Path, test_cases, channel, device, title: str, extra: dict) -> dict:
-    """A finished run on its test split, as a user would score it: infer.py's run() writes the masks into
-    run_dir/predictions (the run's own folder, so a resumed run may replace them), then metrics.py's
-    evaluation against the labels -> run_dir/test_metrics.csv and its summary (Table III layout)."""
-    import metrics
-    pred_dir = Path(run_dir) / "predictions"
-    run(run_dir, [c.image for c in test_cases], pred_dir, channel=channel, device=device, overwrite=True)
-    rows = metrics.evaluate_folders(pred_dir, Path(test_cases[0].label).parent, only=[c.name for c in test_cases])
-    summary = metrics.write_report(rows, Path(run_dir) / "test_metrics.csv", extra=extra)
-    print(metrics.format_summary(summary, title))
-    return summary
-
-
-# ---------------------------------------------------------------------------------------------- pictures
-# Fig. 1 (heatmap) and Fig. 8 (contours) as PNGs, without a plotting dependency: a PNG is a signature, an IHDR
-# chunk (size, 8-bit RGB), one zlib-compressed IDAT chunk of the rows (each prefixed by filter type 0) and an
-# IEND chunk, each chunk with its CRC-32 (PNG specification, ISO/IEC 15948).
-
-def write_png(path: Path, rgb: np.ndarray) -> None:
-    """An (H, W, 3) uint8 array as an 8-bit RGB PNG (standard library only: zlib, struct), written atomically."""
-    import struct
-    import zlib
-    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
-    if rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise ValueError(f"expected an (H, W, 3) image, got {rgb.shape}")
-    h, w, _ = rgb.shape
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
-    rows = np.concatenate([np.zeros((h, 1), np.uint8), rgb.reshape(h, w * 3)], 1)    # filter byte 0 per row
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(rows.tobytes(), 9)) + chunk(b"IEND", b""))
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(png)
-    tmp.replace(path)
-
-
-def contour_of(mask2d: np.ndarray) -> np.ndarray:
-    """The inner boundary of a 2-D mask (mask minus its 4-connected erosion): a one-pixel line drawn inside
-    the object, so prediction and ground truth contours lie on the voxels that each mask actually holds."""
-    from scipy import ndimage
-    return mask2d & ~ndimage.binary_erosion(mask2d)
-
-
-def overlay_panel(image2d: np.ndarray, prob2d: np.ndarray, gt2d=None) -> np.ndarray:
-    """One axial slice as two side-by-side RGB panels: left, the grey image with the prediction's contour
-    (red, prob > 0.5) and, if given, the ground truth's (green; yellow where they coincide), as in Fig. 8;
-    right, the prostate probability as a heatmap over the image (Fig. 1). Anterior is up, patient's right
-    on the left (radiological view)."""
-    g = np.clip(image2d, 0, 255).astype(np.float32)
-    grey = np.repeat(g[..., None], 3, -1)
-    left = grey.copy()
-    pred_c = contour_of(prob2d > 0.5)
-    if gt2d is not None:
-        gt_c = contour_of(gt2d > 0)
-        left[gt_c] = (0, 220, 0)
-        left[gt_c & pred_c] = (255, 230, 0)
-        left[pred_c & ~gt_c] = (255, 40, 40)
-    else:
-        left[pred_c] = (255, 40, 40)
-    p = np.clip(prob2d, 0, 1)[..., None]
-    heat = np.concatenate([np.clip(3 * p, 0, 1), np.clip(3 * p - 1, 0, 1), np.clip(3 * p - 2, 0, 1)], -1) * 255
-    right = grey * (1 - 0.6 * p) + heat * 0.6 * p                       # 'hot' colour map, blended by p
-    view = lambda a: np.rot90(a.astype(np.uint8), 1)                     # RAS (x, y) -> rows anterior-first
-    left, right = view(left), view(right)
-    return np.concatenate([left, np.full((left.shape[0], 4, 3), 255, np.uint8), right], 1)
-
-
-def overlay_figure(image: np.ndarray, prob: np.ndarray, gt=None, n_slices: int = 3, size: int = 128) -> np.ndarray:
-    """n_slices axial slices through the prostate (of the ground truth if given, else of the prediction; the
-    middle of the volume if neither has any), each a size x size window around it, stacked vertically; each
-    row as overlay_panel."""
-    ref = gt if gt is not None and gt.any() else (prob > 0.5)
-    centre = np.argwhere(ref).mean(0) if ref.any() else (np.array(image.shape) - 1) / 2
-    zs = np.flatnonzero(ref.any((0, 1))) if ref.any() else np.arange(image.shape[2])
-    picks = np.unique(zs[np.linspace(len(zs) * 0.2, len(zs) * 0.8, n_slices).astype(int).clip(0, len(zs) - 1)])
-    lo = [int(np.clip(round(c) - size // 2, 0, max(0, n - size))) for c, n in zip(centre[:2], image.shape[:2])]
-    win = (slice(lo[0], lo[0] + size), slice(lo[1], lo[1] + size))
-    rows = [overlay_panel(image[win + (z,)], prob[win + (z,)], None if gt is None else gt[win + (z,)])
-            for z in picks]
-    sep = np.full((4, rows[0].shape[1], 3), 255, np.uint8)
-    return np.concatenate([r for row in rows for r in (row, sep)][:-1], 0)
-
-
 def output_path(out_dir: Path, case: str, suffix: str = "") -> Path:
-    """OUT/CASE.nii.gz (the mask, named like the input case so metrics.py pairs it with its label)."""
+    """OUT/CASE.nii.gz (the mask, named like the input case so metrics.py pairs it with its
+    label)."""
     return out_dir / f"{case}{suffix}.nii.gz"
 
 
 def save_like(array, reference_img, path: Path, dtype):
-    """NIfTI with the input's affine and its sform/qform codes; written to a temporary name, then renamed.
-    The input's header is copied so that a viewer overlays the mask on the scan exactly (same grid, same
-    orientation, same codes); scaling is reset to 1/0 because a mask's values are labels, not intensities."""
+    """NIfTI with the input's affine and its sform/qform codes; written to a temporary name, then
+    renamed. The input's header is copied so that a viewer overlays the mask on the scan exactly
+    (same grid, same orientation, same codes); scaling is reset to 1/0 because a mask's values are
+    labels, not intensities."""
     import nibabel as nib
     hdr = reference_img.header.copy()
     img = nib.Nifti1Image(array.astype(dtype), reference_img.affine, hdr)
     img.set_data_dtype(dtype)
     img.header.set_slope_inter(1, 0)
-    tmp = path.with_name(f".{path.name}.tmp.nii.gz")
-    nib.save(img, str(tmp))
-    tmp.replace(path)
+    data.atomic_write(path, lambda tmp: nib.save(img, str(tmp)))
 
 
 IMAGE_FOLDERS = ("imagesTr", "imagesTs", "images")
 
 
 def list_inputs(inp: Path):
-    """The NIfTI images to segment: a file, or every image of a folder (a data set root's imagesTr/). Label
-    files that sit beside the images (PROMISE12's CASE_segmentation) are not images and are skipped."""
+    """The NIfTI images to segment: a file, or every image of a folder (a data set root's
+    imagesTr/). Label files that sit beside the images (PROMISE12's CASE_segmentation) are not
+    images and are skipped."""
     if inp.is_dir():
         folder = inp / "imagesTr" if (inp / "imagesTr").is_dir() else inp
-        files = sorted(p for p in folder.iterdir() if p.name.endswith((".nii", ".nii.gz")) and not p.name.startswith(".")
-                       and not p.name.split(".nii")[0].endswith("_segmentation"))
+        # PROMISE12's labels left out
+        files = [p for p in data.nifti_files(folder)
+                 if not p.name.split(".nii")[0].endswith(data.SEGMENTATION_SUFFIX)]
         if not files:
             other = sorted({p.suffix for p in folder.iterdir() if p.suffix in (".mhd", ".mha", ".nrrd", ".dcm")})
             hint = f" (found {', '.join(other)}: NIfTI only, convert them first, e.g. with SimpleITK)" if other else ""
@@ -293,15 +172,17 @@ def list_inputs(inp: Path):
     if not inp.is_file():
         raise FileNotFoundError(f"{inp}: no such file or folder")
     if not inp.name.endswith((".nii", ".nii.gz")):
-        raise ValueError(f"{inp}: not a NIfTI file (.nii, .nii.gz); convert it first, e.g. with SimpleITK")
+        raise ValueError(f"{inp}: not a NIfTI file (.nii, .nii.gz); convert it first, e.g. with "
+                         f"SimpleITK")
     return [inp]
 
 
 def protected_folders(in_paths, input_arg=None) -> tuple:
-    """(trees, folders): nothing may be written inside a tree or into a folder. Trees: the folder given as
-    input, and the data set an image belongs to (the parent of imagesTr/, images/ ..., or any folder with a
-    dataset.json above it), so neither the images nor the labels beside them can be replaced. Folders: each
-    input file's own folder (a subfolder of it, e.g. ./out next to ./scan.nii.gz, is fine)."""
+    """(trees, folders): nothing may be written inside a tree or into a folder. Trees: the folder
+    given as input, and the data set an image belongs to (the parent of imagesTr/, images/ ..., or
+    any folder with a dataset.json above it), so neither the images nor the labels beside them can
+    be replaced. Folders: each input file's own folder (a subfolder of it, e.g. ./out next to
+    ./scan.nii.gz, is fine)."""
     trees = {Path(input_arg).resolve()} if input_arg is not None and Path(input_arg).is_dir() else set()
     folders = set()
     for p in in_paths:
@@ -314,19 +195,21 @@ def protected_folders(in_paths, input_arg=None) -> tuple:
 
 
 def check_output_folder(out_dir: Path, protected: tuple, what: str = "output folder") -> None:
-    """Refuse an output folder inside a protected tree, or equal to a protected folder (README, "Safety"):
-    masks named like the inputs must never land beside, or replace, the scans or labels they came from."""
+    """Refuse an output folder inside a protected tree, or equal to a protected folder (NOTES.md,
+    "Safety"): masks named like the inputs must never land beside, or replace, the scans or labels
+    they came from."""
     trees, folders = protected
     o = Path(out_dir).resolve()
     for f in sorted(trees | folders):
         if o == f or (f in trees and f in o.parents):
-            raise ValueError(f"{what} {out_dir} lies inside an input folder ({f}), where nothing is written; "
+            raise ValueError(f"{what} {out_dir} lies inside an input folder ({f}), where nothing "
+                             f"is written; "
                              f"choose a folder outside it")
 
 
 def resolve_channel(path: Path, channel, log=print) -> int:
-    """--channel by index, or by name through the data set's dataset.json. A 3-D image has one channel, so a
-    name (e.g. T2) is accepted for it with a note."""
+    """--channel by index, or by name through the data set's dataset.json. A 3-D image has one
+    channel, so a name (e.g. T2) is accepted for it with a note."""
     if str(channel).isdigit():
         return int(channel)
     import nibabel as nib
@@ -340,13 +223,14 @@ def resolve_channel(path: Path, channel, log=print) -> int:
     try:
         return data.find_cases(path.parent.parent, channel, require_labels=False)[0].channel
     except data.DataError:
-        raise data.DataError(f"{path}: no dataset.json above it names channel {channel!r}; give --channel as an "
-                             f"index, 0 to {shape[3] - 1}") from None
+        raise data.DataError(f"{path}: no dataset.json above it names channel {channel!r}; give "
+                             f"--channel as an index, 0 to {shape[3] - 1}") from None
 
 
 def ground_truth_for(gt, name: str):
-    """--gt: a label file (one input), or a folder / data set root in which the case's label is found. Used
-    only for the pictures (green contour); a case without a label is drawn without one."""
+    """--gt: a label file (one input), or a folder / data set root in which the case's label is
+    found. Used only for the pictures (green contour); a case without a label is drawn without
+    one."""
     if gt is None:
         return None
     import metrics
@@ -356,10 +240,11 @@ def ground_truth_for(gt, name: str):
     return metrics.nifti_files(gt, "gt").get(name)
 
 
-def run(run_dir, inputs, out_dir, channel="0", device=None, save_prob=False, largest_component=False, log=print,
-        overwrite=False, png_dir=None, gt=None, input_arg=None):
-    """Segment every input file into out_dir; returns the written mask paths. Everything is checked before any
-    work: no output inside an input data folder, no existing file replaced unless overwrite."""
+def run(run_dir, inputs, out_dir, channel="0", device=None, save_prob=False,
+        largest_component=False, log=print, overwrite=False, png_dir=None, gt=None, input_arg=None):
+    """Segment every input file into out_dir; returns the written mask paths. Everything is checked
+    before any work: no output inside an input data folder, no existing file replaced unless
+    overwrite."""
     import nibabel as nib
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out_dir = Path(out_dir)
@@ -368,21 +253,20 @@ def run(run_dir, inputs, out_dir, channel="0", device=None, save_prob=False, lar
     check_output_folder(out_dir, protected)
     if png_dir is not None:
         check_output_folder(Path(png_dir), protected, "--png folder")
-    # Output names follow the input cases (nnU-Net's CASE_0000 channel suffix dropped), so that metrics.py
-    # finds each mask's label by name. Every file this run would write is listed first: if any exists and
-    # --overwrite was not given, the run stops before doing any work, rather than after the first hour.
-    names = []
-    for path in in_paths:
-        name = data.case_name(path)
-        names.append(name[:-5] if name.endswith("_0000") else name)
+    # Output names follow the input cases (nnU-Net's CASE_0000 channel suffix dropped), so that
+    # metrics.py finds each mask's label by name. Every file this run would write is listed first:
+    # if any exists and --overwrite was not given, the run stops before doing any work, rather than
+    # after the first hour.
+    names = [data.image_case_name(path) for path in in_paths]
     targets = [output_path(out_dir, n) for n in names]
     targets += [output_path(out_dir, n, "_prob") for n in names] if save_prob else []
     targets += [Path(png_dir) / f"{n}.png" for n in names] if png_dir is not None else []
     if not overwrite:
         existing = [t for t in targets if t.exists()]
         if existing:
-            raise ValueError(f"{existing[0]} exists ({len(existing)} output file(s) would be replaced); pass "
-                             f"--overwrite to replace them, or choose another output folder")
+            raise ValueError(f"{existing[0]} exists ({len(existing)} output file(s) would be "
+                             f"replaced); pass --overwrite to replace them, or choose another "
+                             f"output folder")
     stage1, stage2, targs = load_models(run_dir, device)
     for folder in (out_dir, png_dir):
         if folder is not None:
@@ -390,8 +274,9 @@ def run(run_dir, inputs, out_dir, channel="0", device=None, save_prob=False, lar
                 Path(folder).mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise ValueError(f"cannot create {folder}: {e.strerror}") from None
-    # One case at a time: preprocess (Section IV-B), both stages (segment), back onto the input's own grid
-    # (the inverse of the body crop and the 1-mm resampling), then write with the input's affine and header.
+    # One case at a time: preprocess (Section IV-B), both stages (segment), back onto the input's
+    # own grid (the inverse of the body crop and the 1-mm resampling), then write with the input's
+    # affine and header.
     written, t0 = [], time.time()
     for i, (path, name) in enumerate(zip(in_paths, names), 1):
         target = output_path(out_dir, name)
@@ -407,29 +292,36 @@ def run(run_dir, inputs, out_dir, channel="0", device=None, save_prob=False, lar
             if save_prob:
                 save_like(data.to_original_grid(prob, prep.meta, threshold=None), ref,
                           output_path(out_dir, name, "_prob"), np.float32)
-            if png_dir is not None:                                     # Fig. 1 heatmap + Fig. 8 contours
-                write_png(Path(png_dir) / f"{name}.png", overlay_figure(prep.image, prob, prep.label))
+            # Fig. 1 heatmap + Fig. 8 contours
+            if png_dir is not None:
+                figures.write_png(Path(png_dir) / f"{name}.png",
+                                  figures.overlay_figure(prep.image, prob, prep.label))
         except OSError as e:
             raise ValueError(f"cannot write into {out_dir}: {e.strerror}") from None
         written.append(target)
-        log(f"[{i}/{len(in_paths)}] {name}: centre {np.round(centre).astype(int).tolist()} (1-mm crop voxels), "
-            f"{int(mask.sum())} prostate voxels -> {target} ({time.time() - t0:.0f} s)")
+        log(f"[{i}/{len(in_paths)}] {name}: centre {np.round(centre).astype(int).tolist()} (1-mm "
+            f"crop voxels), {int(mask.sum())} prostate voxels -> {target} ({time.time() - t0:.0f} "
+            f"s)")
     return written
 
 
 def main(argv=None):
-    """The command line. User errors (missing files, bad channels, protected or occupied outputs, a bad
-    checkpoint) are one line on stderr and exit code 2. Output folders and existing files are checked before
-    the first case is read; a case that fails to load later stops the run with the earlier masks complete."""
+    """The command line. User errors (missing files, bad channels, protected or occupied outputs, a
+    bad checkpoint) are one line on stderr and exit code 2. Output folders and existing files are
+    checked before the first case is read; a case that fails to load later stops the run with the
+    earlier masks complete."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir")
     p.add_argument("input", help="NIfTI file or folder")
     p.add_argument("output_dir")
     p.add_argument("--channel", default="0", help="channel of 4-D inputs, by index or name")
     p.add_argument("--save-prob", action="store_true", help="also write the probability heatmap")
-    p.add_argument("--largest-component", action="store_true", help="keep only the largest connected component")
-    p.add_argument("--png", metavar="DIR", help="per case, a PNG of axial slices: contours (Fig. 8) and heatmap (Fig. 1)")
-    p.add_argument("--gt", metavar="FILE_OR_DIR", help="ground truth to draw in the --png pictures (green)")
+    p.add_argument("--largest-component", action="store_true",
+                   help="keep only the largest connected component")
+    p.add_argument("--png", metavar="DIR",
+                   help="per case, a PNG of axial slices: contours (Fig. 8) and heatmap (Fig. 1)")
+    p.add_argument("--gt", metavar="FILE_OR_DIR",
+                   help="ground truth to draw in the --png pictures (green)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--device", default=None)
     args = p.parse_args(argv)
@@ -438,10 +330,13 @@ def main(argv=None):
     except RuntimeError as e:
         p.error(f"--device {args.device}: {e}")
     if device is not None and device.type == "cuda" and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: no CUDA GPU is available here; leave --device out to use the CPU")
+        p.error(f"--device {args.device}: no CUDA GPU is available here; leave --device out to use "
+                f"the CPU")
     try:
-        run(args.run_dir, list_inputs(Path(args.input)), args.output_dir, args.channel, device, args.save_prob,
-            args.largest_component, overwrite=args.overwrite, png_dir=args.png, gt=args.gt, input_arg=args.input)
+        run(args.run_dir, list_inputs(Path(args.input)), args.output_dir, args.channel, device,
+            args.save_prob,
+            args.largest_component, overwrite=args.overwrite, png_dir=args.png, gt=args.gt,
+            input_arg=args.input)
     except (ValueError, FileNotFoundError) as e:      # DataError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -2,43 +2,47 @@
 
     python metrics.py PRED_DIR GT_DIR [--csv FILE] [--compare OTHER_PRED_DIR]
 
-PRED_DIR holds one NIfTI mask per case (CASE.nii.gz); GT_DIR is a folder of label masks or a Decathlon /
-nnU-Net data set root (its labelsTr/ is used). Cases are paired by name; each pair must share shape and
-affine. Prints a Table III-style summary (mean +- std and median over cases), writes a per-case CSV and a
-summary JSON beside it, and with --compare adds Table IV-style paired t-test p-values.
+PRED_DIR holds one NIfTI mask per case (CASE.nii.gz); GT_DIR is a folder of label masks or a
+Decathlon / nnU-Net data set root (its labelsTr/ is used). Cases are paired by name; each pair must
+share shape and affine. Prints a Table III-style summary (mean +- std and median over cases), writes
+a per-case CSV and a summary JSON beside it, and with --compare adds Table IV-style paired t-test
+p-values.
 
-All functions take 3-D binary masks (any array; > 0 is foreground) and the voxel spacing in mm, which
-may be anisotropic. The command reads the spacing from each file's affine (the length of each voxel axis in
-world space), as nibabel, nnU-Net and ITK do, not from the header's pixdim, which some converters leave
-stale. Distances are in mm. Masks are NIfTI (.nii, .nii.gz); PROMISE12's CASE_segmentation files pair with a
-prediction named CASE.
+All functions take 3-D binary masks (any array; > 0 is foreground) and the voxel spacing in mm,
+which may be anisotropic. The command reads the spacing from each file's affine (the length of each
+voxel axis in world space), as nibabel, nnU-Net and ITK do, not from the header's pixdim, which some
+converters leave stale. Distances are in mm. Masks are NIfTI (.nii, .nii.gz); PROMISE12's
+CASE_segmentation files pair with a prediction named CASE.
 
 Definitions (Section IV-C):
   Surface      A voxel of the mask with at least one of its 6 face neighbours outside the mask: the mask minus
-               its erosion by the 3-D cross (scipy.ndimage.generate_binary_structure(3, 1)). Voxels on the
-               volume's border count as surface (outside the volume is background).
-  d(a, Sur_b)  Euclidean distance in mm from a surface voxel centre of one mask to the nearest surface voxel
-               centre of the other: scipy.ndimage.distance_transform_edt with sampling=spacing, computed
-               only inside the two masks' joint bounding box plus a one-voxel margin (exactly the same
-               values as over the whole volume: every surface voxel lies inside that box).
+               its erosion by the 3-D cross (scipy.ndimage.generate_binary_structure(3, 1)). Voxels
+               on the volume's border count as surface (outside the volume is background).
+  d(a, Sur_b)  Euclidean distance in mm from a surface voxel centre of one mask to the nearest
+  surface voxel
+               centre of the other: scipy.ndimage.distance_transform_edt with sampling=spacing,
+               computed only inside the two masks' joint bounding box plus a one-voxel margin
+               (exactly the same values as over the whole volume: every surface voxel lies inside
+               that box).
   ASD (Eq. 6)  mean of the two directed mean surface distances. (Not MedPy 0.5's `assd`, which pools
-               both directions' distances into one mean: different when the two surfaces have different
-               sizes, e.g. 9.7 vs 7.6 mm on a real case.)
+               both directions' distances into one mean: different when the two surfaces have
+               different sizes, e.g. 9.7 vs 7.6 mm on a real case.)
   HD (Eq. 8)   the larger of the two directed maxima.
   HD95         two definitions are in common use:
                'max'    max(P95(d(Sur_seg -> Sur_gt)), P95(d(Sur_gt -> Sur_seg))): Eq. 8 with each max
-                        replaced by a 95th percentile. MONAI's compute_hausdorff_distance(percentile=95) and
-                        DeepMind's surface-distance compute_robust_hausdorff(.., 95) use this. DEFAULT.
-               'pooled' P95 of both directions' distances pooled together: MedPy's metric.binary.hd95.
-               Percentiles use numpy's default linear interpolation.
+                        replaced by a 95th percentile. MONAI's
+                        compute_hausdorff_distance(percentile=95) and DeepMind's surface-distance
+                        compute_robust_hausdorff(.., 95) use this. DEFAULT.
+               'pooled' P95 of both directions' distances pooled together: MedPy's
+               metric.binary.hd95. Percentiles use numpy's default linear interpolation.
   aRVD         |(|seg| - |gt|) / |gt|| * 100, in percent (Table VI).
 Empty masks (defined, and never flattering; a missed prostate must not vanish from the mean):
   both empty   DSC = PPV = SEN = 1, aRVD = 0, all distances 0 (a correct "nothing here").
   one empty    DSC = PPV = SEN = 0; distances are set to the volume's diagonal in mm, the largest distance
-               the volume allows, so the case counts as the worst possible in every mean;
-               aRVD = 100 if the prediction is empty; undefined (NaN in the CSV, null in the JSON) if the
-               ground truth is, and then left out of aRVD's mean, which says over how many cases it ran.
-               The summary also counts the cases with an empty prediction.
+               the volume allows, so the case counts as the worst possible in every mean; aRVD = 100
+               if the prediction is empty; undefined (NaN in the CSV, null in the JSON) if the
+               ground truth is, and then left out of aRVD's mean, which says over how many cases it
+               ran. The summary also counts the cases with an empty prediction.
 """
 from __future__ import annotations
 
@@ -46,13 +50,13 @@ import argparse
 import csv
 import json
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage, stats
+
+import data
 
 METRICS = ("DSC", "ASD", "HD95", "HD", "SEN", "PPV", "aRVD")
 HD95_DEFINITIONS = ("max", "pooled")
@@ -85,18 +89,21 @@ def overlap_metrics(pred, gt) -> dict:
     return dict(DSC=2 * tp / (n_seg + n_gt),
                 PPV=tp / n_seg if n_seg else 0.0,
                 SEN=tp / n_gt if n_gt else 0.0,
-                aRVD=abs(n_seg - n_gt) / n_gt * 100 if n_gt else math.nan)   # relative to nothing: undefined
+                # relative to nothing: undefined
+                aRVD=abs(n_seg - n_gt) / n_gt * 100 if n_gt else math.nan)
 
 
 def _surface(mask):
-    """Mask minus its erosion by the 6-connected 3-D cross; border_value=0: the volume edge is surface."""
-    return mask & ~ndimage.binary_erosion(mask, ndimage.generate_binary_structure(3, 1), border_value=0)
+    """Mask minus its erosion by the 6-connected 3-D cross; border_value=0: the volume edge is
+    surface."""
+    return mask & ~ndimage.binary_erosion(mask, ndimage.generate_binary_structure(3, 1),
+                                          border_value=0)
 
 
 def bounding_box(mask: np.ndarray):
-    """[lo, hi) per axis of a bool mask's True voxels, or None if it has none, in about one pass over the
-    volume: a projection along the last (contiguous) axis gives the first two axes' ranges, then the last
-    axis's range is read inside that (small) box only."""
+    """[lo, hi) per axis of a bool mask's True voxels, or None if it has none, in about one pass
+    over the volume: a projection along the last (contiguous) axis gives the first two axes' ranges,
+    then the last axis's range is read inside that (small) box only."""
     plane = mask.any(axis=2)                                   # the one whole-volume pass
     rows, cols = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
     if len(rows) == 0:
@@ -107,8 +114,8 @@ def bounding_box(mask: np.ndarray):
 
 
 def joint_bbox(pred, gt, margin: int = 1, boxes=None):
-    """Slices of the bounding box of pred | gt grown by `margin` voxels, clipped to the volume (None if both
-    masks are empty). `boxes`: the two masks' bounding_box results, if already known."""
+    """Slices of the bounding box of pred | gt grown by `margin` voxels, clipped to the volume (None
+    if both masks are empty). `boxes`: the two masks' bounding_box results, if already known."""
     boxes = [b for b in (boxes or (bounding_box(pred), bounding_box(gt))) if b is not None]
     if not boxes:
         return None
@@ -120,8 +127,8 @@ def joint_bbox(pred, gt, margin: int = 1, boxes=None):
 def directed_surface_distances(pred, gt, spacing, crop: bool = True):
     """d(Sur_seg -> Sur_gt) and d(Sur_gt -> Sur_seg) in mm, for two non-empty masks (Eq. 6 and 8).
 
-    crop=True runs the distance transforms inside joint_bbox only; crop=False on the whole volume (the
-    reference that bench.py and the tests compare against)."""
+    crop=True runs the distance transforms inside joint_bbox only; crop=False on the whole volume
+    (the reference that bench.py and the tests compare against)."""
     if crop:
         box = joint_bbox(pred, gt)
         pred, gt = pred[box], gt[box]
@@ -140,14 +147,17 @@ def hd95_from(d_seg_gt, d_gt_seg, definition: str = "max") -> float:
     raise ValueError(f"hd95 definition must be one of {HD95_DEFINITIONS}, got {definition!r}")
 
 
-def distance_metrics(pred, gt, spacing, hd95_definition: str = "max", crop: bool = True, shape=None) -> dict:
-    """ASD (Eq. 6), HD (Eq. 8) and HD95 in mm, with the empty-mask conventions of the module docstring.
-    shape: the whole volume's shape when pred and gt are already crops of it (for the empty-mask diagonal)."""
+def distance_metrics(pred, gt, spacing, hd95_definition: str = "max", crop: bool = True,
+                     shape=None) -> dict:
+    """ASD (Eq. 6), HD (Eq. 8) and HD95 in mm, with the empty-mask conventions of the module
+    docstring. shape: the whole volume's shape when pred and gt are already crops of it (for the
+    empty-mask diagonal)."""
     any_pred, any_gt = pred.any(), gt.any()
     if not any_pred and not any_gt:
         return dict(ASD=0.0, HD=0.0, HD95=0.0)
     if not (any_pred and any_gt):
-        worst = float(np.linalg.norm(np.asarray(shape or pred.shape) * spacing))   # the volume's diagonal
+        # the volume's diagonal
+        worst = float(np.linalg.norm(np.asarray(shape or pred.shape) * spacing))
         return dict(ASD=worst, HD=worst, HD95=worst)
     d1, d2 = directed_surface_distances(pred, gt, spacing, crop=crop)
     return dict(ASD=float(0.5 * (d1.mean() + d2.mean())),
@@ -155,16 +165,18 @@ def distance_metrics(pred, gt, spacing, hd95_definition: str = "max", crop: bool
                 HD95=hd95_from(d1, d2, hd95_definition))
 
 
-def evaluate(pred, gt, spacing=(1.0, 1.0, 1.0), hd95_definition: str = "max", crop: bool = True) -> dict:
+def evaluate(pred, gt, spacing=(1.0, 1.0, 1.0), hd95_definition: str = "max",
+             crop: bool = True) -> dict:
     """All metrics of one case: DSC, ASD, HD95, HD, SEN, PPV, aRVD.
 
-    Why the union box is enough for every metric: outside the bounding box of pred | gt both masks are
-    background by definition, so every voxel count (|seg|, |gt|, |seg & gt|) is the same inside the box as over
-    the volume, and every surface voxel lies inside it. The one-voxel margin keeps the box's edge background,
-    so the erosion that finds the surface sees what it sees in the whole volume (where the box is clipped by
-    the volume's edge, the edge is the volume's own). So each bool mask is read once, to find its box, and all
-    the rest (counts, surfaces, distance transforms) runs on the box. crop=False computes everything on the
-    whole volume instead (the reference the tests and bench.py compare against)."""
+    Why the union box is enough for every metric: outside the bounding box of pred | gt both masks
+    are background by definition, so every voxel count (|seg|, |gt|, |seg & gt|) is the same inside
+    the box as over the volume, and every surface voxel lies inside it. The one-voxel margin keeps
+    the box's edge background, so the erosion that finds the surface sees what it sees in the whole
+    volume (where the box is clipped by the volume's edge, the edge is the volume's own). So each
+    bool mask is read once, to find its box, and all the rest (counts, surfaces, distance
+    transforms) runs on the box. crop=False computes everything on the whole volume instead (the
+    reference the tests and bench.py compare against)."""
     pred, gt, spacing = _as_pair(pred, gt, spacing)
     shape = pred.shape
     if crop:
@@ -189,14 +201,17 @@ def hd95(pred, gt, spacing, definition: str = "max"):
     return distance_metrics(*_as_pair(pred, gt, spacing), hd95_definition=definition)["HD95"]
 
 
-# ---------------------------------------------------------------------------- summaries (Tables III, IV)
+# ----------------------------------------------------------------------- summaries (Tables III, IV)
 
 def summarize(rows: list[dict]) -> dict:
-    """mean, std (sample, ddof=1) and median of each metric over cases, plus the count of empty predictions."""
-    out = {"cases": len(rows), "empty_predictions": sum(1 for r in rows if r.get("empty_prediction"))}
+    """mean, std (sample, ddof=1) and median of each metric over cases, plus the count of empty
+    predictions."""
+    out = {"cases": len(rows),
+           "empty_predictions": sum(1 for r in rows if r.get("empty_prediction"))}
     for m in METRICS:
         v = np.array([r[m] for r in rows], dtype=np.float64)
-        v = v[np.isfinite(v)]                       # aRVD is undefined (NaN) where the ground truth is empty
+        # aRVD is undefined (NaN) where the ground truth is empty
+        v = v[np.isfinite(v)]
         out[m] = dict(mean=float(v.mean()) if len(v) else math.nan,
                       std=float(v.std(ddof=1)) if len(v) > 1 else 0.0,
                       median=float(np.median(v)) if len(v) else math.nan, n=int(len(v)))
@@ -216,7 +231,8 @@ def format_summary(summary: dict, title: str = "") -> str:
 
 
 def paired_pvalues(rows_a: list[dict], rows_b: list[dict]) -> dict:
-    """Table IV: two-sided paired t-test (scipy.stats.ttest_rel) per metric over the cases both hold."""
+    """Table IV: two-sided paired t-test (scipy.stats.ttest_rel) per metric over the cases both
+    hold."""
     b = {r["case"]: r for r in rows_b}
     common = [r for r in rows_a if r["case"] in b]
     out = {}
@@ -228,22 +244,7 @@ def paired_pvalues(rows_a: list[dict], rows_b: list[dict]) -> dict:
     return out
 
 
-# ---------------------------------------------------------------------------- files
-
-SEGMENTATION_SUFFIX = "_segmentation"          # PROMISE12: Case00.nii.gz (image), Case00_segmentation.nii.gz
-
-
-def case_name(path: Path) -> str:
-    """Case name: 'prostate_10.nii.gz' and 'prostate_10_0000.nii.gz' (Decathlon, nnU-Net) -> 'prostate_10';
-    'Case00_segmentation.nii.gz' (PROMISE12's label) -> 'Case00'."""
-    name = path.name
-    for ext in (".nii.gz", ".nii"):
-        if name.endswith(ext):
-            name = name[: -len(ext)]
-    if name.endswith(SEGMENTATION_SUFFIX):
-        return name[: -len(SEGMENTATION_SUFFIX)]
-    return name[:-5] if len(name) > 5 and name[-5] == "_" and name[-4:].isdigit() else name
-
+# -------------------------------------------------------------------------------------------- files
 
 def mask_folder(folder: Path) -> Path:
     """A data set root's labelsTr/ (Decathlon, nnU-Net), or the folder itself."""
@@ -252,18 +253,19 @@ def mask_folder(folder: Path) -> Path:
 
 
 def nifti_files(folder: Path, role: str = "gt") -> dict:
-    """{case: path} of the masks in a folder. A folder that holds PROMISE12's CASE_segmentation files beside
-    the images gives those as ground truth (role 'gt') and never as predictions (role 'pred')."""
+    """{case: path} of the masks in a folder. A folder that holds PROMISE12's CASE_segmentation
+    files beside the images gives those as ground truth (role 'gt') and never as predictions (role
+    'pred')."""
     folder = mask_folder(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"not a folder: {folder}")
-    paths = [p for p in sorted(folder.iterdir()) if p.name.endswith((".nii", ".nii.gz")) and not p.name.startswith(".")]
-    segs = [p for p in paths if p.name.split(".nii")[0].endswith(SEGMENTATION_SUFFIX)]
+    paths = data.nifti_files(folder)
+    segs = [p for p in paths if p.name.split(".nii")[0].endswith(data.SEGMENTATION_SUFFIX)]
     if role == "gt" and segs:
         paths = segs
     elif role == "pred":
         paths = [p for p in paths if p not in segs]
-    files = {case_name(p): p for p in paths}
+    files = {data.case_name(p): p for p in paths}
     if not files:
         other = sorted({p.suffix for p in folder.iterdir() if p.suffix in (".mhd", ".mha", ".nrrd", ".dcm", ".raw")})
         hint = f"; found {', '.join(other)} files: convert them to NIfTI first (e.g. SimpleITK)" if other else ""
@@ -272,8 +274,9 @@ def nifti_files(folder: Path, role: str = "gt") -> dict:
 
 
 def spacing_from_affine(affine) -> np.ndarray:
-    """Voxel size in mm along each array axis: the length of each column of the affine's 3x3 part. This is the
-    geometry nibabel, nnU-Net and ITK use; the header's pixdim can disagree with it (stale converters)."""
+    """Voxel size in mm along each array axis: the length of each column of the affine's 3x3 part.
+    This is the geometry nibabel, nnU-Net and ITK use; the header's pixdim can disagree with it
+    (stale converters)."""
     return np.sqrt((np.asarray(affine, float)[:3, :3] ** 2).sum(0))
 
 
@@ -294,7 +297,8 @@ def load_mask(path: Path):
     return data > 0, img.affine, spacing_from_affine(img.affine)
 
 
-def evaluate_folders(pred_dir, gt_dir, hd95_definition: str = "max", log=print, only=None) -> list[dict]:
+def evaluate_folders(pred_dir, gt_dir, hd95_definition: str = "max", log=print,
+                     only=None) -> list[dict]:
     """Score every ground-truth case (or the cases named in `only`) against its prediction."""
     preds, gts = paired_files(pred_dir, gt_dir, only)
     rows = []
@@ -302,20 +306,25 @@ def evaluate_folders(pred_dir, gt_dir, hd95_definition: str = "max", log=print, 
         p, p_aff, _ = load_mask(preds[case])
         g, g_aff, spacing = load_mask(gts[case])
         if p.shape != g.shape:
-            raise ValueError(f"case {case}: prediction shape {p.shape} != ground truth shape {g.shape}")
+            raise ValueError(f"case {case}: prediction shape {p.shape} != ground truth shape "
+                             f"{g.shape}")
         if not np.allclose(p_aff, g_aff, atol=1e-3):
-            raise ValueError(f"case {case}: prediction affine differs from the ground truth's\n{p_aff}\nvs\n{g_aff}")
-        row = {"case": case, **evaluate(p, g, spacing, hd95_definition), "empty_prediction": not p.any()}
+            raise ValueError(f"case {case}: prediction affine differs from the ground "
+                             f"truth's\n{p_aff}\nvs\n{g_aff}")
+        row = {"case": case, **evaluate(p, g, spacing, hd95_definition),
+               "empty_prediction": not p.any()}
         rows.append(row)
-        log(f"[{i}/{len(gts)}] {case}: DSC {row['DSC']:.4f}  ASD {row['ASD']:.3f} mm  HD95 {row['HD95']:.3f} mm")
+        log(f"[{i}/{len(gts)}] {case}: DSC {row['DSC']:.4f}  ASD {row['ASD']:.3f} mm  HD95 "
+            f"{row['HD95']:.3f} mm")
     return rows
 
 
 def paired_files(pred_dir, gt_dir, only=None):
-    """({case: prediction}, {case: ground truth}) for every ground-truth case (or those in `only`); a clear
-    error if the two folders are one, or if a prediction is missing."""
+    """({case: prediction}, {case: ground truth}) for every ground-truth case (or those in `only`);
+    a clear error if the two folders are one, or if a prediction is missing."""
     if mask_folder(pred_dir).resolve() == mask_folder(gt_dir).resolve():
-        raise ValueError(f"{pred_dir} is the ground-truth folder itself; give the folder of predictions")
+        raise ValueError(f"{pred_dir} is the ground-truth folder itself; give the folder of "
+                         f"predictions")
     preds, gts = nifti_files(Path(pred_dir), "pred"), nifti_files(Path(gt_dir), "gt")
     if only is not None:
         gts = {k: v for k, v in gts.items() if k in set(only)}
@@ -323,21 +332,6 @@ def paired_files(pred_dir, gt_dir, only=None):
     if missing:
         raise ValueError(f"{pred_dir}: no prediction for case(s) {', '.join(missing)} of {gt_dir}")
     return preds, gts
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary file in the same folder, then os.replace: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.chmod(tmp, 0o644)                   # mkstemp makes 0600; reports and checkpoints are shared
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def write_report(rows: list[dict], csv_path: Path, extra: dict | None = None) -> dict:
@@ -348,11 +342,12 @@ def write_report(rows: list[dict], csv_path: Path, extra: dict | None = None) ->
     w.writeheader()
     for r in rows:
         w.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()})
-    atomic_write_text(csv_path, buf.getvalue())
+    data.atomic_write_text(csv_path, buf.getvalue())
     summary = summarize(rows)
     if extra:
         summary.update(extra)
-    atomic_write_text(Path(csv_path).with_suffix(".summary.json"), json.dumps(json_safe(summary), indent=2,
+    data.atomic_write_text(Path(csv_path).with_suffix(".summary.json"),
+                           json.dumps(json_safe(summary), indent=2,
                                                                                allow_nan=False))
     return summary
 
@@ -364,25 +359,25 @@ def write_csv(path: Path, rows: list[dict], fields=None) -> None:
     w = csv.DictWriter(buf, fields or list(rows[0]))
     w.writeheader()
     w.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
+    data.atomic_write_text(path, buf.getvalue())
 
 
 class CsvLog:
-    """train.py's log.csv: per-step losses and per-epoch validation, the data of Fig. 7's curves. Appended to
-    by the master process only; rows already logged survive a --resume, and rows past the last checkpoint do
-    not appear twice (truncate_after)."""
-    FIELDS = ["stage", "epoch", "step", "lr", "loss", "ce", "random", "hard", "contour", "val_dsc", "val_centre_mm",
-              "seconds"]
+    """train.py's log.csv: per-step losses and per-epoch validation, the data of Fig. 7's curves.
+    Appended to by the master process only; rows already logged survive a --resume, and rows past
+    the last checkpoint do not appear twice (truncate_after)."""
+    FIELDS = ["stage", "epoch", "step", "lr", "loss", "ce", "random", "hard", "contour", "val_dsc",
+              "val_centre_mm", "seconds"]
 
     def __init__(self, path: Path, resume: bool):
         self.path = Path(path)
         if not (resume and self.path.exists()):
-            atomic_write_text(self.path, ",".join(self.FIELDS) + "\r\n")
+            data.atomic_write_text(self.path, ",".join(self.FIELDS) + "\r\n")
 
     def truncate_after(self, stage: int, step: int) -> None:
-        """At the start of a stage: drop that stage's rows logged after its last checkpoint (`step`; 0 when it
-        starts afresh), so the steps between a checkpoint and a kill are not in the log twice after --resume
-        (Fig. 7's curves and ablation.py's training time read this log)."""
+        """At the start of a stage: drop that stage's rows logged after its last checkpoint (`step`;
+        0 when it starts afresh), so the steps between a checkpoint and a kill are not in the log
+        twice after --resume (Fig. 7's curves and ablation.py's training time read this log)."""
         with open(self.path, newline="") as f:
             rows = list(csv.DictReader(f))
         keep = [r for r in rows if int(r["stage"]) != stage or int(r["step"]) <= step]
@@ -406,14 +401,17 @@ def json_safe(obj):
 
 
 def check_report_path(csv_path: Path, input_dirs, overwrite: bool) -> None:
-    """The report never lands inside an input folder and never replaces a file unless --overwrite."""
+    """The report never lands inside an input folder and never replaces a file unless
+    --overwrite."""
     for d in input_dirs:
         for folder in {Path(d).resolve(), mask_folder(d).resolve()}:
             if folder == csv_path.resolve().parent or folder in csv_path.resolve().parents:
-                raise ValueError(f"--csv {csv_path} lies inside the input folder {d}; write the report elsewhere")
+                raise ValueError(f"--csv {csv_path} lies inside the input folder {d}; write the "
+                                 f"report elsewhere")
     for path in (csv_path, csv_path.with_suffix(".summary.json")):
         if path.exists() and not overwrite:
-            raise ValueError(f"--csv: {path} exists; pass --overwrite to replace it, or choose another name")
+            raise ValueError(f"--csv: {path} exists; pass --overwrite to replace it, or choose "
+                             f"another name")
 
 
 def main(argv=None):
@@ -422,14 +420,17 @@ def main(argv=None):
     p.add_argument("pred_dir")
     p.add_argument("gt_dir")
     p.add_argument("--csv", help="per-case CSV to write (a .summary.json is written beside it)")
-    p.add_argument("--compare", metavar="OTHER_PRED_DIR", help="paired t-test against another method's predictions")
-    p.add_argument("--hd95", choices=HD95_DEFINITIONS, default="max", help="HD95 definition (see module docstring)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --csv and its summary")
+    p.add_argument("--compare", metavar="OTHER_PRED_DIR",
+                   help="paired t-test against another method's predictions")
+    p.add_argument("--hd95", choices=HD95_DEFINITIONS, default="max",
+                   help="HD95 definition (see module docstring)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --csv and its summary")
     args = p.parse_args(argv)
     try:
         if args.csv:
-            check_report_path(Path(args.csv), [args.pred_dir, args.gt_dir] + ([args.compare] if args.compare else []),
-                              args.overwrite)
+            inputs = [args.pred_dir, args.gt_dir] + ([args.compare] if args.compare else [])
+            check_report_path(Path(args.csv), inputs, args.overwrite)
         paired_files(args.pred_dir, args.gt_dir)                  # every folder checked before any work
         if args.compare:
             paired_files(args.compare, args.gt_dir)

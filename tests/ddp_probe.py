@@ -18,8 +18,8 @@ seen, written, final = [], [], {}
 
 get_item = data.PatchDataset.__getitem__
 data.PatchDataset.__getitem__ = lambda self, i: (seen.append(int(i)), get_item(self, i))[1]
-save = train.M.save_checkpoint
-train.M.save_checkpoint = lambda obj, path: (written.append(str(path)), save(obj, path))[1]
+save = train.save_checkpoint
+train.save_checkpoint = lambda obj, path: (written.append(str(path)), save(obj, path))[1]
 csv_write = train.metrics.CsvLog.write
 train.metrics.CsvLog.write = lambda self, rows: (written.append(str(self.path)), csv_write(self, rows))[1]
 train_stage = train.train_stage

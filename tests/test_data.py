@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import data
+from phantom import make_phantom
 
 MSD = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "msd-prostate-subset"
 
@@ -15,7 +16,7 @@ MSD = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "msd-pros
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory):
     root = tmp_path_factory.mktemp("ph") / "phantom"
-    data.make_phantom(root, cases=2, seed=3, log=None)
+    make_phantom(root, cases=2, seed=3, log=None)
     return root
 
 
@@ -95,7 +96,7 @@ def test_phantom_femoral_centre_and_roundtrip(phantom, tmp_path):
 
 def test_phantom_refuses_non_empty_folder(phantom):
     with pytest.raises(FileExistsError):
-        data.make_phantom(phantom, cases=1)
+        make_phantom(phantom, cases=1)
 
 
 @pytest.mark.skipif(not MSD.is_dir(), reason="shared Decathlon subset not present")

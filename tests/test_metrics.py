@@ -188,7 +188,7 @@ def test_cli_clear_errors(tmp_path, capsys):
     assert "cannot read NIfTI" in capsys.readouterr().err
 
 
-# ------------------------------------------------------------------ the union-box crop is exact (issue 14)
+# ------------------------------------------------------------------ the union-box crop is exact
 
 def _placed(rng, shape, touch_border):
     """A random blob mask somewhere in `shape`; touch_border pushes it against a random face of the volume."""

@@ -258,10 +258,17 @@ def test_total_loss_is_eq4():
     net = M.build_model(cfg, width=0.125)
     lab = blob_labels(2, 16, 16)
     logits, feats = net(torch.randn(2, 3, 16, 16))
-    loss, parts = M.total_loss(logits, feats, lab, cfg, lam=0.01, generator=torch.Generator().manual_seed(0))
+    loss, parts = M.total_loss(logits, feats, lab, cfg, M.Settings(lam=0.03), torch.Generator().manual_seed(0))
     assert set(parts) == {"ce", "hard", "contour"}
+    # by hand: each strategy drawn in Table II's order from the same generator, Eq. 2 one strategy at a time
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(logits.detach(), 1)[:, 1]
+    hard = M.metric_loss(feats, M.focal_hard_negative_sampler(lab, probs, 20, 1, 0.1, g), 0.7, 0.1, 0.01)
+    contour = M.metric_loss(feats, M.contour_aware_sampler(lab, 20, 1, g), 0.7, 0.1, 0.01)
     ce = torch.nn.functional.cross_entropy(logits, (lab > 0).long())
-    assert loss.item() == pytest.approx((ce + 0.01 * (parts["hard"] + parts["contour"])).item(), rel=1e-6)
+    assert parts["hard"].item() == pytest.approx(hard.item(), rel=1e-5)
+    assert parts["contour"].item() == pytest.approx(contour.item(), rel=1e-5)
+    assert loss.item() == pytest.approx((ce + 0.03 * (hard + contour)).item(), rel=1e-5)
 
 
 def test_poly_lr():

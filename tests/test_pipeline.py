@@ -2,8 +2,10 @@
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -13,6 +15,7 @@ import torch
 
 import data
 import infer
+from phantom import make_phantom
 import metricunet as M
 import ablation
 import train
@@ -25,7 +28,7 @@ TINY = ["--width", "0.125", "--stage1-filters", "8", "--batch", "8", "--workers"
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory):
     base = tmp_path_factory.mktemp("pipe")
-    root = data.make_phantom(base / "phantom", cases=4, seed=11, log=None)
+    root = make_phantom(base / "phantom", cases=4, seed=11, log=None)
     data.prepare_cases(data.find_cases(root), base / "cache", log=None)       # warm the shared cache
     return root, base / "cache"
 
@@ -52,7 +55,8 @@ def test_ddp_two_ranks(phantom, tmp_path):
     probe.mkdir()
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
                         "tests/ddp_probe.py", "--data", str(root), "--cache", str(cache), "--out", str(out),
-                        "--stage", "2", "--epochs2", "2", "--patches", "24", "--fp-patches", "0.5", "--no-test", *TINY],
+                        "--stage", "2", "--epochs2", "2", "--patches", "24", "--augment", "spatial", "--no-test",
+                        *TINY],
                        cwd=ROOT, env=dict(os.environ, PROBE_DIR=str(probe), OMP_NUM_THREADS="1"),
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
@@ -65,16 +69,23 @@ def test_ddp_two_ranks(phantom, tmp_path):
 
 def test_resume_after_a_crash_matches_an_uninterrupted_run(phantom, tmp_path):
     root, cache = phantom
-    common = ["train.py", "--data", str(root), "--cache", str(cache), "--stage", "2", "--epochs2", "2",
-              "--patches", "16", "--fp-patches", "0.5", "--no-test", *TINY]       # mining on resume, too
+    common = ["train.py", "--data", str(root), "--cache", str(cache), "--stage", "2", "--epochs2", "3",
+              "--patches", "16", "--augment", "spatial", "--no-test", *TINY]   # augmentation rides the epoch
     full = run_py(common + ["--out", str(tmp_path / "a")], timeout=300)
     assert full.returncode == 0, full.stderr[-3000:]
-    crashed = run_py(common + ["--out", str(tmp_path / "b"), "--halt-after-epoch", "1"], timeout=300)
-    assert crashed.returncode == 3
+    # a crash: the process is killed (SIGKILL, no clean-up) as soon as the first epoch's checkpoint exists
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, *common, "--out", str(tmp_path / "b")], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (tmp_path / "b" / "stage2_last.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL                                 # killed mid-run, not finished
     again = run_py(common + ["--out", str(tmp_path / "b")], timeout=300)     # refuses to clobber the run
     assert again.returncode != 0 and "--resume" in again.stderr
     resumed = run_py(common + ["--out", str(tmp_path / "b"), "--resume"], timeout=300)
-    assert resumed.returncode == 0 and "resumed after epoch 1" in resumed.stdout, resumed.stderr[-3000:]
+    assert resumed.returncode == 0 and "resumed after epoch" in resumed.stdout, resumed.stderr[-3000:]
     a = torch.load(tmp_path / "a" / "stage2_last.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "stage2_last.pt", weights_only=True)
     assert a["step"] == b["step"]
@@ -103,8 +114,8 @@ def test_training_beats_an_untrained_network(phantom, trained_run):
     torch.manual_seed(0)
     untrained = M.build_model("HCP", width=0.125)
     dev = torch.device("cpu")
-    d_trained = infer.validate_stage2(trained.eval(), crops, dev, False)[0]
-    d_untrained = infer.validate_stage2(untrained.eval(), crops, dev, False)[0]
+    d_trained = train.validate_stage2(trained.eval(), crops, dev, False)[0]
+    d_untrained = train.validate_stage2(untrained.eval(), crops, dev, False)[0]
     assert d_trained > d_untrained + 0.4, (d_trained, d_untrained)
 
 
@@ -245,11 +256,14 @@ def test_ablation_overhead_is_a_median_over_runs():
     assert "| UNet | 100 | +0.0 % | 400 |" in text and "| MetricUNet-R | 110 | +10.0 % | 110 |" in text
 
 
-def test_split_all_trains_on_every_case_and_keeps_the_last_epoch(phantom, tmp_path):
+def test_split_all_trains_on_every_case_and_keeps_the_last_epoch(phantom, tmp_path, capsys):
     root, cache = phantom
     out = tmp_path / "deploy"
     train.main(["--data", str(root), "--cache", str(cache), "--out", str(out), "--split", "all", "--stage", "1",
                 "--epochs1", "2", "--stage1-patches", "16", *TINY])
+    said = capsys.readouterr().out
+    assert said.count("no validation split") == 1 and "nan" not in said   # said once, no NaN lines
+    assert "stage 1 epoch 2/2 done" in said
     ck = torch.load(out / "stage1_best.pt", weights_only=True)
     names = sorted(c.name for c in data.find_cases(root))
     assert sorted(ck["dataset"]["train"]) == names and ck["dataset"]["val"] == [] and ck["dataset"]["test"] == []

@@ -1,4 +1,4 @@
-"""Nothing lost, nothing silent (issue 11): every write refuses to replace a file or to land in an input data
+"""Nothing lost, nothing silent: every write refuses to replace a file or to land in an input data
 folder unless asked, geometry comes from the affine, and every user error is one line, not a traceback.
 Each test reproduces one reported fault; most use tiny hand-made NIfTI files, so no training is needed."""
 import csv
@@ -15,8 +15,10 @@ import torch
 
 import bench
 import data
+import figures
 import infer
 import metrics
+import phantom
 import train
 
 
@@ -48,7 +50,7 @@ def snapshot(folder):
 
 # ------------------------------------------------------------------ data loss (items 1-3)
 
-def test_infer_never_writes_into_the_data_sets_label_folder(decathlon, tmp_path, capsys):      # item 1
+def test_infer_never_writes_into_the_data_sets_label_folder(decathlon, tmp_path, capsys):
     before = snapshot(decathlon)
     assert infer.main([str(tmp_path / "no-run"), str(decathlon), str(decathlon / "labelsTr")]) == 2
     err = capsys.readouterr().err
@@ -56,7 +58,7 @@ def test_infer_never_writes_into_the_data_sets_label_folder(decathlon, tmp_path,
     assert snapshot(decathlon) == before
 
 
-def test_infer_refuses_to_replace_an_existing_prediction(decathlon, tmp_path, capsys):        # item 2
+def test_infer_refuses_to_replace_an_existing_prediction(decathlon, tmp_path, capsys):
     out = tmp_path / "out"
     save(out / "a.nii.gz", box_mask())
     kept = (out / "a.nii.gz").read_bytes()
@@ -65,7 +67,7 @@ def test_infer_refuses_to_replace_an_existing_prediction(decathlon, tmp_path, ca
     assert (out / "a.nii.gz").read_bytes() == kept
 
 
-def test_metrics_csv_never_replaces_a_prediction_or_a_report(tmp_path, capsys):               # item 3
+def test_metrics_csv_never_replaces_a_prediction_or_a_report(tmp_path, capsys):
     gt, pred = tmp_path / "gt", tmp_path / "pred"
     save(gt / "case_0.nii.gz", box_mask())
     save(pred / "case_0.nii.gz", box_mask())
@@ -92,7 +94,7 @@ def stale_pixdim_file(path, arr, aff):
     assert nib.load(str(path)).header.get_zooms()[:3] == (1.0, 1.0, 1.0)
 
 
-def test_spacing_comes_from_the_affine_not_pixdim(tmp_path):                                  # item 4
+def test_spacing_comes_from_the_affine_not_pixdim(tmp_path):
     aff = np.diag([1.21, 1.21, 2.0, 1.0])
     stale_pixdim_file(tmp_path / "img.nii.gz", (box_mask() * 100).astype(np.int16), aff)
     stale_pixdim_file(tmp_path / "lab.nii.gz", box_mask(), aff)
@@ -106,12 +108,12 @@ def test_spacing_comes_from_the_affine_not_pixdim(tmp_path):                    
     assert np.allclose(metrics.spacing_from_affine(rot), (0.8, 0.8, 3.0))
 
 
-def test_metrics_refuses_the_ground_truth_as_prediction(decathlon, capsys):                   # item 5
+def test_metrics_refuses_the_ground_truth_as_prediction(decathlon, capsys):
     assert metrics.main([str(decathlon / "labelsTr"), str(decathlon)]) == 2
     assert "ground-truth folder itself" in capsys.readouterr().err
 
 
-def test_empty_ground_truth_gives_strict_json_and_no_warning(tmp_path):                      # item 6
+def test_empty_ground_truth_gives_strict_json_and_no_warning(tmp_path):
     gt, pred = tmp_path / "gt", tmp_path / "pred"
     save(gt / "a.nii.gz", box_mask())
     save(gt / "b.nii.gz", np.zeros((20, 20, 10), np.uint8))            # empty ground truth
@@ -125,7 +127,7 @@ def test_empty_ground_truth_gives_strict_json_and_no_warning(tmp_path):         
     assert s["aRVD"]["mean"] == 0.0 and s["aRVD"]["n"] == 1 and s["DSC"]["n"] == 2
 
 
-def test_resume_keeps_each_logged_step_once(tmp_path):                                       # item 7
+def test_resume_keeps_each_logged_step_once(tmp_path):
     log = metrics.CsvLog(tmp_path / "log.csv", resume=False)
     log.write([dict(stage=1, epoch=1, step=s, loss=0.1) for s in (1, 2)] + [dict(stage=1, epoch=1, step=2, val_dsc=0.5)])
     log.write([dict(stage=2, epoch=1, step=s, loss=0.2) for s in range(1, 6)])   # steps 4-5: after the checkpoint
@@ -136,7 +138,7 @@ def test_resume_keeps_each_logged_step_once(tmp_path):                          
                                                        ("2", "3")]
 
 
-def test_one_message_when_no_centre_is_found():                                              # item 8
+def test_one_message_when_no_centre_is_found():
     said = []
     c = infer.prostate_centre(None, None, (10, 20, 30), log=said.append, name="x")
     assert np.allclose(c, (4.5, 9.5, 14.5)) and len(said) == 1
@@ -152,7 +154,7 @@ class Payload:
 
 
 @pytest.mark.parametrize("kind", ["truncated", "garbage", "code"])
-def test_bad_checkpoint_is_one_line_and_never_runs_code(decathlon, tmp_path, capsys, kind):    # item 9
+def test_bad_checkpoint_is_one_line_and_never_runs_code(decathlon, tmp_path, capsys, kind):
     run = tmp_path / "run"
     run.mkdir()
     for stage in (1, 2):
@@ -169,7 +171,7 @@ def test_bad_checkpoint_is_one_line_and_never_runs_code(decathlon, tmp_path, cap
     assert "this ran" not in out.out and "Traceback" not in out.err
 
 
-def test_resume_with_another_width_changes_nothing(tmp_path):                                # item 10
+def test_resume_with_another_width_changes_nothing(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     old = vars(train.parse_args(["--preset", "cpu", "--width", "0.125", "--out", str(run)]))
@@ -183,13 +185,13 @@ def test_resume_with_another_width_changes_nothing(tmp_path):                   
 
 @pytest.mark.parametrize("argv", [["--batch", "0"], ["--batch", "-3"], ["--width", "0"], ["--epochs2", "-1"],
                                   ["--workers", "-1"]])
-def test_train_rejects_non_positive_numbers(argv, capsys):                                   # item 11
+def test_train_rejects_non_positive_numbers(argv, capsys):
     with pytest.raises(SystemExit) as e:
         train.parse_args(argv)
     assert e.value.code == 2 and "must be" in capsys.readouterr().err
 
 
-def test_train_refuses_a_file_as_out_or_cache(tmp_path):                                     # item 11
+def test_train_refuses_a_file_as_out_or_cache(tmp_path):
     f = tmp_path / "file"
     f.write_text("x")
     for flag in ("--out", "--cache"):
@@ -199,16 +201,16 @@ def test_train_refuses_a_file_as_out_or_cache(tmp_path):                        
     assert f.read_text() == "x"
 
 
-def test_train_unwritable_run_folder_is_one_line(tmp_path, monkeypatch):                     # item 11
+def test_train_unwritable_run_folder_is_one_line(tmp_path, monkeypatch):
     def refuse(*a, **k):
         raise PermissionError(13, "Permission denied")
-    monkeypatch.setattr(metrics, "atomic_write_text", refuse)            # as a read-only folder would (we run as root)
+    monkeypatch.setattr(data, "atomic_write_text", refuse)            # as a read-only folder would (we run as root)
     with pytest.raises(SystemExit) as e:
         train.main(["--preset", "cpu", "--out", str(tmp_path / "r")])
     assert "cannot write the run folder" in str(e.value) and "Permission denied" in str(e.value)
 
 
-def test_cli_argument_errors_exit_cleanly(tmp_path, capsys):                                  # item 11
+def test_cli_argument_errors_exit_cleanly(tmp_path, capsys):
     for argv in (["model", "--repeats", "0"], ["model", "--width", "0"], ["model", "--config", "XYZ"]):
         with pytest.raises(SystemExit) as e:
             bench.main(argv)
@@ -219,18 +221,18 @@ def test_cli_argument_errors_exit_cleanly(tmp_path, capsys):                    
         assert e.value.code == 2 and "no CUDA GPU" in capsys.readouterr().err
     f = tmp_path / "afile"
     f.write_text("x")
-    assert data.main(["phantom", str(f)]) == 2 and f.read_text() == "x"
+    assert phantom.main([str(f)]) == 2 and f.read_text() == "x"
 
 
 @pytest.mark.parametrize("n", ["0", "-3"])
-def test_phantom_needs_at_least_one_case(tmp_path, n, capsys):                               # item 12
-    assert data.main(["phantom", str(tmp_path / "ph"), "--cases", n]) == 2
+def test_phantom_needs_at_least_one_case(tmp_path, n, capsys):
+    assert phantom.main([str(tmp_path / "ph"), "--cases", n]) == 2
     assert "--cases" in capsys.readouterr().err and not (tmp_path / "ph").exists()
 
 
 # ------------------------------------------------------------------ real data sets (items 13-16)
 
-def test_promise12_naming(tmp_path):                                                           # item 13
+def test_promise12_naming(tmp_path):
     folder = tmp_path / "promise"
     save(folder / "Case00.nii.gz", (box_mask() * 100).astype(np.int16))
     save(folder / "Case00_segmentation.nii.gz", box_mask())
@@ -247,14 +249,14 @@ def test_promise12_naming(tmp_path):                                            
         infer.list_inputs(mhd)
 
 
-def test_named_channel_on_a_3d_file_outside_a_data_set(tmp_path):                           # item 14
+def test_named_channel_on_a_3d_file_outside_a_data_set(tmp_path):
     save(tmp_path / "t2.nii.gz", (box_mask() * 100).astype(np.int16))
     said = []
     assert infer.resolve_channel(tmp_path / "t2.nii.gz", "T2", log=said.append) == 0
     assert "single channel" in said[0]
 
 
-def test_compare_checks_every_folder_before_any_work(tmp_path, capsys):                       # item 15
+def test_compare_checks_every_folder_before_any_work(tmp_path, capsys):
     gt, p1, p2 = tmp_path / "gt", tmp_path / "p1", tmp_path / "p2"
     for c in ("a", "b"):
         save(gt / f"{c}.nii.gz", box_mask())
@@ -266,34 +268,34 @@ def test_compare_checks_every_folder_before_any_work(tmp_path, capsys):         
     assert not (tmp_path / "r.csv").exists()
 
 
-def test_coarse_slices_are_warned_about(tmp_path, capsys):                                     # item 16
+def test_coarse_slices_are_warned_about(tmp_path, capsys):
     save(tmp_path / "img.nii.gz", (box_mask() * 100).astype(np.int16), np.diag([0.8, 0.8, 50.0, 1.0]))
     data.load_case(data.Case("c", tmp_path / "img.nii.gz", None), need_label=False)
     err = capsys.readouterr().err
     assert "warning" in err and "50.0" in err and "6 mm" in err
 
 
-def test_metrics_unwritable_report_is_one_line(tmp_path, monkeypatch, capsys):               # item 11
+def test_metrics_unwritable_report_is_one_line(tmp_path, monkeypatch, capsys):
     gt, pred = tmp_path / "gt", tmp_path / "pred"
     save(gt / "a.nii.gz", box_mask())
     save(pred / "a.nii.gz", box_mask())
 
     def refuse(path, text):
         raise PermissionError(13, "Permission denied", str(path))
-    monkeypatch.setattr(metrics, "atomic_write_text", refuse)        # as a read-only folder would (we run as root)
+    monkeypatch.setattr(data, "atomic_write_text", refuse)        # as a read-only folder would (we run as root)
     assert metrics.main([str(pred), str(gt), "--csv", str(tmp_path / "ro" / "r.csv")]) == 2
     err = capsys.readouterr().err
     assert "cannot write" in err and "Permission denied" in err and "Traceback" not in err
 
 
-# ------------------------------------------------------------------ pictures and ablation.py (issue 12)
+# ------------------------------------------------------------------ pictures and ablation.py
 
 def test_png_writer_decodes_to_the_same_pixels(tmp_path):
     """Our PNG, decoded by hand with zlib and struct (chunks, CRCs, filter bytes), gives back the pixels."""
     import struct
     import zlib
     rgb = (np.random.default_rng(0).random((7, 11, 3)) * 255).astype(np.uint8)
-    infer.write_png(tmp_path / "x.png", rgb)
+    figures.write_png(tmp_path / "x.png", rgb)
     b = (tmp_path / "x.png").read_bytes()
     assert b[:8] == b"\x89PNG\r\n\x1a\n"
     pos, chunks = 8, {}
@@ -334,31 +336,29 @@ def _figure_csvs(folder: Path):
     metrics.write_csv(folder / "sensitivity_toy_cases.csv", sens)
 
 
-def test_ablation_figures_are_png_files_and_reproducible(tmp_path, capsys):       # issue 12 item 2
+def test_figures_are_png_files_and_reproducible(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     import struct
-    import ablation
     _figure_csvs(tmp_path)
-    ablation.figures_main(["--results", str(tmp_path)])
+    figures.main(["--results", str(tmp_path)])
     names = ["ablation_toy_table3.png", "ablation_toy_fig7.png", "sensitivity_toy_fig6.png"]
     first = {n: (tmp_path / n).read_bytes() for n in names}
     for n, b in first.items():
         assert b[:8] == b"\x89PNG\r\n\x1a\n" and b[12:16] == b"IHDR"
         w, h = struct.unpack(">II", b[16:24])
         assert 500 < w < 1000 and 250 < h < 500 and len(b) < 300_000      # small enough to commit
-    ablation.figures_main(["--results", str(tmp_path)])
+    figures.main(["--results", str(tmp_path)])
     assert all((tmp_path / n).read_bytes() == b for n, b in first.items())   # same CSVs, same bytes
     assert "wrote" in capsys.readouterr().out
 
 
-def test_ablation_figures_errors_are_one_line(tmp_path, monkeypatch, capsys):
-    import ablation
+def test_figures_errors_are_one_line(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit, match="no ablation_"):
-        ablation.figures_main(["--results", str(tmp_path)])           # nothing to draw from
+        figures.main(["--results", str(tmp_path)])           # nothing to draw from (checked first)
     monkeypatch.setitem(sys.modules, "matplotlib", None)                 # as if it were not installed
     _figure_csvs(tmp_path)
     with pytest.raises(SystemExit, match="needs matplotlib"):
-        ablation.figures_main(["--results", str(tmp_path)])
+        figures.main(["--results", str(tmp_path)])
 
 
 def test_infer_allows_a_subfolder_next_to_a_single_scan_but_not_beside_it(tmp_path):

@@ -113,9 +113,9 @@ def test_augmented_patches_vary_by_epoch_and_are_reproducible():
 def test_paper_strict_turns_every_addition_off():
     for preset in train.PRESETS:
         a = train.parse_args(["--preset", preset, "--paper-strict"])
-        assert (a.stage1_antialias, a.stage1_loss, a.augment, a.stage1_augment) == (False, "ce", "off", "off")
+        assert (a.stage1_antialias, a.stage1_loss, a.augment, a.hard_negatives) == (False, "ce", "off", False)
     a = train.parse_args(["--preset", "paper"])
-    assert (a.stage1_antialias, a.stage1_loss, a.augment, a.stage1_augment) == (False, "ce", "off", "off")
+    assert (a.stage1_antialias, a.stage1_loss, a.augment, a.hard_negatives) == (False, "ce", "off", False)
     a = train.parse_args(["--preset", "cpu"])
     assert (a.stage1_antialias, a.stage1_loss, a.augment) == (True, "dice_ce", "spatial")
     with pytest.raises(SystemExit):
@@ -129,15 +129,19 @@ def test_paper_strict_losses_are_exactly_eq3_and_eq4():
     feats = torch.randn(4, 8, 16, 16, generator=g)
     labels = torch.zeros(4, 16, 16, dtype=torch.long)
     labels[:, 4:10, 5:12] = 1
-    loss1, _ = train.step_loss(1, logits, feats, labels, M.get_config("UNet"), a, g)
+    hp = train.metric_settings(a)
+    assert hp == M.PAPER_DEFAULTS                                      # Eq. 1-4 at the paper's values
+    loss1, _ = train.step_loss(logits, feats, labels, M.get_config("UNet"), hp, g,
+                               dice=a.stage1_loss == "dice_ce")
     assert loss1.item() == F.cross_entropy(logits, labels).item()      # Eq. 3, nothing added
     cfg = M.get_config("R")
-    loss2, _ = train.step_loss(2, logits, feats, labels, cfg, a, torch.Generator().manual_seed(5))
+    loss2, _ = train.step_loss(logits, feats, labels, cfg, hp, torch.Generator().manual_seed(5))
     t = M.random_sampler(labels, 20, 1, torch.Generator().manual_seed(5))
     want = F.cross_entropy(logits, labels) + 0.01 * M.metric_loss(feats, t, 0.7, 0.0, 0.01)   # Eq. 4, R row
     assert loss2.item() == pytest.approx(want.item(), rel=1e-6)
     small = train.parse_args(["--preset", "cpu"])                     # the small-data preset adds soft Dice
-    loss_dice, _ = train.step_loss(1, logits, feats, labels, M.get_config("UNet"), small, g)
+    loss_dice, _ = train.step_loss(logits, feats, labels, M.get_config("UNet"), train.metric_settings(small),
+                                   g, dice=small.stage1_loss == "dice_ce")
     p = torch.softmax(logits, 1)[:, 1]
     dice = 1 - (2 * (p * labels).sum() + 1e-5) / (p.sum() + labels.sum() + 1e-5)
     assert loss_dice.item() == pytest.approx((F.cross_entropy(logits, labels) + dice).item(), rel=1e-6)
@@ -167,84 +171,3 @@ def test_hard_negatives_are_the_networks_false_positives():
     a0, _, n0, v0 = M.focal_hard_negative_sampler(lab, probs, k=60, m=2, tau=0.1,
                                                   generator=torch.Generator().manual_seed(0))
     assert v0[:, 0].tolist() == [True, False, False] and not fp[0, n0[0].numpy()].all()
-
-
-def test_metric_warmup_ramps_lambda_linearly():
-    a = train.parse_args(["--preset", "cpu", "--metric-warmup", "2"])
-    g = torch.Generator().manual_seed(0)
-    logits, feats = torch.randn(2, 2, 16, 16, generator=g), torch.randn(2, 8, 16, 16, generator=g)
-    labels = torch.zeros(2, 16, 16, dtype=torch.long)
-    labels[:, 4:10, 5:12] = 1
-    cfg = M.get_config("R")
-    t = M.random_sampler(labels, 20, 1, torch.Generator().manual_seed(5))
-    metric = M.metric_loss(feats, t, 0.7, 0.0, 0.01)
-    ce = F.cross_entropy(logits, labels)
-    for progress, lam in ((0.0, 0.0), (0.5, 0.0025), (2.0, 0.01), (7.0, 0.01)):    # epochs done -> lambda
-        loss, _ = train.step_loss(2, logits, feats, labels, cfg, a, torch.Generator().manual_seed(5), progress)
-        assert loss.item() == pytest.approx((ce + lam * metric).item(), rel=1e-6), progress
-
-
-# ------------------------------------------------------------------ --fp-patches (patch-level hard-example mining)
-
-class _BrightIsProstate(torch.nn.Module):
-    """A stand-in network with a known answer: 'prostate' wherever the middle input slice is brighter than 0.5."""
-
-    def forward(self, x, detach_head_input=False):
-        fg = x[:, x.shape[1] // 2] > 0.5
-        return torch.stack([(~fg).float(), fg.float()], 1), x
-
-
-def test_mined_false_positives_are_the_bright_background_of_every_8th_slice():
-    rng = np.random.default_rng(2)
-    vol = rng.integers(0, 256, (40, 36, 20), dtype=np.uint8)
-    lab = np.zeros(vol.shape, np.uint8)
-    lab[10:25, 8:30, 4:15] = 1
-    ds = data.PatchDataset([vol], [lab], patch=32, n_slices=3, patches_per_image=4)
-    found = train.mine_false_positives(_BrightIsProstate(), ds, torch.device("cpu"), slice_step=8)[0]
-    want = {(x, y, z) for x in range(40) for y in range(36) for z in (0, 8, 16)          # brute force
-            if vol[x, y, z] / 255.0 > 0.5 and lab[x, y, z] == 0}
-    assert {tuple(map(int, v)) for v in found} == want and len(want) > 500
-
-
-def test_fp_patches_are_centred_on_the_mined_voxels_and_off_by_default():
-    rng = np.random.default_rng(3)
-    vol = rng.integers(0, 256, (128, 128, 16), dtype=np.uint8)
-    lab = np.zeros(vol.shape, np.uint8)
-    lab[60:70, 60:70, 6:10] = 1
-    fp = np.array([[110, 15, 2]])                                  # one mistake, far from the prostate
-    mined = data.PatchDataset([vol], [lab], patch=32, n_slices=3, patches_per_image=50, fg_fraction=0.0,
-                              fp_fraction=1.0, seed=1)
-    mined.set_fp_voxels([fp])
-    windows = [vol[x0:x0 + 32, y0:y0 + 32, 2] / 255.0            # every 32x32 window of slice 2 holding (110, 15)
-               for x0 in range(110 - 31, 128 - 32 + 1) for y0 in range(0, 15 + 1)]
-    for i in range(len(mined)):                                   # every patch is one of them (middle channel)
-        middle = mined[i][0][1].numpy()
-        assert any(np.allclose(middle, w, atol=1e-6) for w in windows), i
-    plain = data.PatchDataset([vol], [lab], patch=32, n_slices=3, patches_per_image=50, seed=1)
-    off = data.PatchDataset([vol], [lab], patch=32, n_slices=3, patches_per_image=50, seed=1, fp_fraction=0.0)
-    off.set_fp_voxels([fp])                                        # share 0: the mined voxels change nothing
-    assert all(torch.equal(plain[i][0], off[i][0]) for i in range(len(plain)))
-    assert train.parse_args(["--preset", "paper"]).fp_patches == 0.0
-    assert train.parse_args(["--preset", "cpu", "--paper-strict"]).fp_patches == 0.0
-    with pytest.raises(SystemExit):
-        train.parse_args(["--preset", "cpu", "--fp-patches", "1.5"])
-
-
-# ------------------------------------------------------------------ --precise-bn
-
-def test_precise_bn_is_the_plain_average_of_the_batches_statistics():
-    g = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(4, 3, 5, 6, generator=g) * (i + 1) + i, None) for i in range(5)]
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), torch.nn.BatchNorm2d(3))
-    model[1].running_mean.fill_(7.0)                              # stale statistics, to be replaced
-    weights = [p.detach().clone() for p in model.parameters()]
-    train.recompute_bn_statistics(model.eval(), batches, 3, torch.device("cpu"))
-    with torch.no_grad():                                        # by hand: per-batch mean and unbiased var, averaged
-        h = [model[0](x).double().numpy() for x, _ in batches[:3]]
-    mean = np.mean([a.mean(axis=(0, 2, 3)) for a in h], 0)
-    var = np.mean([a.var(axis=(0, 2, 3), ddof=1) for a in h], 0)
-    assert np.allclose(model[1].running_mean.numpy(), mean, atol=1e-5)
-    assert np.allclose(model[1].running_var.numpy(), var, atol=1e-5)
-    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))   # statistics only
-    assert model[1].momentum == 0.1 and not model.training       # BatchNorm and the mode as they were
-    assert train.parse_args(["--preset", "cpu", "--paper-strict"]).precise_bn == 0
