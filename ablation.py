@@ -185,6 +185,14 @@ def ablation_main(argv=None):
                                                  *Path(path).resolve().parents):
             sys.exit(f"error: {what} {path} lies inside the input data folder {a.data}; choose "
                      f"another")
+    try:                          # the outputs are checked before hours of training, not after
+        for folder in (a.results, a.runs):
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            data.atomic_write_text(Path(folder) / ".write-test", "")
+            (Path(folder) / ".write-test").unlink()
+    except OSError as e:
+        sys.exit(f"error: cannot write into {e.filename or folder}: {e.strerror}; give a writable "
+                 f"--results and --runs")
     # names of run folders and tables; a preset other than the default one gets its own, never mixed
     dataset = (root.resolve().name if a.data else "phantom") + ("" if a.preset == "ablation" else f"_{a.preset}")
     if not a.data and not (root / "dataset.json").exists():
@@ -364,4 +372,7 @@ def ablation_command(a) -> str:
 
 
 if __name__ == "__main__":
-    ablation_main(sys.argv[1:])
+    try:
+        ablation_main(sys.argv[1:])
+    except KeyboardInterrupt:                                   # Ctrl-C: one line, no traceback
+        sys.exit("interrupted: finished runs are kept; the same command continues where it stopped")

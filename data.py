@@ -31,6 +31,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -131,28 +132,83 @@ def atomic_write_text(path, text: str) -> None:
     atomic_write(path, write)
 
 
+def read_dataset_json(root: Path) -> dict:
+    """A data set's dataset.json (Decathlon, nnU-Net), or {} if there is none."""
+    path = Path(root) / "dataset.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+
+
+def channel_index(channel, names: dict, where) -> int | None:
+    """--channel as an index: a number, or a name that dataset.json lists ('modality' in Decathlon
+    and nnU-Net v1, 'channel_names' in v2). None: a name with no dataset.json to look it up in."""
+    if str(channel).isdigit():
+        return int(channel)
+    match = [int(k) for k, v in names.items() if str(v).lower() == str(channel).lower()]
+    if match:
+        return match[0]
+    if names:
+        raise DataError(f"{where}: no channel named {channel!r}; dataset.json lists {names}")
+    return None
+
+
+def is_channel_layout(images: list[Path], label_dir: Path | None = None) -> bool:
+    """nnU-Net's layout: every channel of case CASE is its own 3-D file CASE_XXXX (XXXX = channel).
+    A folder is read so when every image name ends in four digits after an underscore and every
+    case so formed has its channel 0 (CASE_0000); where labels exist, they must be named by those
+    cases. Case ids that end in four digits themselves (pat_0001.nii.gz with label pat_0001.nii.gz,
+    as in AMOS) are cases of their own, not channels."""
+    stems = [case_name(p) for p in images]
+    split = [re.fullmatch(r"(.+)_(\d{4})", s) for s in stems]
+    if not stems or not all(split):
+        return False
+    cases = {m.group(1) for m in split}
+    if any(f"{c}{NNUNET_CHANNEL}" not in stems for c in cases):
+        return False
+    if label_dir is not None and label_dir.is_dir():
+        labels = {case_name(p) for p in nifti_files(label_dir)}
+        if labels and not cases & labels or set(stems) & labels:
+            return False
+    return True
+
+
+def image_cases(folder: Path, channel: int, label_dir: Path | None = None) -> list:
+    """The one channel rule, for training and inference alike: [(case, image file, channel within
+    that file)] of an image folder. nnU-Net's layout (is_channel_layout): the file CASE_XXXX whose
+    XXXX is the channel, read as a 3-D volume. Any other layout: every file is a case, and a 4-D
+    image's `channel` is taken from its last axis. PROMISE12's CASE_segmentation labels are left
+    out."""
+    files = [p for p in nifti_files(folder)
+             if not p.name.split(".nii")[0].endswith(SEGMENTATION_SUFFIX)]
+    if not is_channel_layout(files, label_dir):
+        return [(case_name(p), p, channel) for p in files]
+    wanted = f"_{channel:04d}"
+    by_case = {}
+    for p in files:
+        by_case.setdefault(case_name(p)[:-5], {})[case_name(p)[-5:]] = p
+    missing = sorted(c for c, ch in by_case.items() if wanted not in ch)
+    if missing:
+        raise DataError(f"{folder}: case {missing[0]} has no channel {channel} file "
+                        f"({missing[0]}{wanted}.nii.gz); check --channel")
+    return [(c, ch[wanted], 0) for c, ch in sorted(by_case.items())]
+
+
 def find_cases(root, channel: int | str = 0, modality: str = "auto",
                require_labels: bool = True) -> list[Case]:
     """Cases of a Decathlon, nnU-Net or plain paired-folder data set, sorted by name.
 
-    channel: index or name (as in dataset.json's 'modality' / 'channel_names') of a 4-D image's
-    channel."""
+    channel: index or name (as dataset.json lists it) of the channel to read (image_cases)."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: data folder not found")
-    meta = {}
-    if (root / "dataset.json").is_file():
-        try:
-            meta = json.loads((root / "dataset.json").read_text())
-        except json.JSONDecodeError as e:
-            raise DataError(f"{root / 'dataset.json'}: not valid JSON ({e})") from None
-    names = meta.get("modality") or meta.get("channel_names") or {}
-    if isinstance(channel, str) and not channel.isdigit():
-        match = [int(k) for k, v in names.items() if str(v).lower() == channel.lower()]
-        if not match:
-            raise DataError(f"{root}: no channel named {channel!r}; dataset.json lists {names}")
-        channel = match[0]
-    channel = int(channel)
+    names = (lambda m: m.get("modality") or m.get("channel_names") or {})(read_dataset_json(root))
+    channel = channel_index(channel, names, root)
+    if channel is None:
+        raise DataError(f"{root}: no dataset.json names the channels; give --channel as an index")
     if modality == "auto" and names:
         first = str(names.get(str(channel), "")).lower()
         modality = "ct" if first == "ct" else ("mr" if first else "auto")
@@ -164,15 +220,12 @@ def find_cases(root, channel: int | str = 0, modality: str = "auto",
         raise DataError(f"{root}: expected imagesTr/ + labelsTr/ (Decathlon, nnU-Net) or images/ + "
                         f"labels/")
     cases = []
-    for img in nifti_files(img_dir):
-        name = image_case_name(img)
-        if name == case_name(img) and len(name) > 5 and name[-5] == "_" and name[-4:].isdigit():
-            continue                                        # other nnU-Net channels: CASE_0001, ...
-        lab = next((p for p in (lab_dir / f"{name}.nii.gz",
-                                lab_dir / f"{name}.nii") if p.is_file()), None)
+    for name, img, ch in image_cases(img_dir, channel, lab_dir):
+        labels = (lab_dir / f"{name}.nii.gz", lab_dir / f"{name}.nii")
+        lab = next((p for p in labels if p.is_file()), None)
         if lab is None and require_labels:
             raise DataError(f"{img}: no label {lab_dir / (name + '.nii.gz')}")
-        cases.append(Case(name, img, lab, channel, modality))
+        cases.append(Case(name, img, lab, ch, modality))
     if not cases:
         raise DataError(f"{img_dir}: no NIfTI images (.nii, .nii.gz)")
     return cases
@@ -243,14 +296,33 @@ def load_case(case: Case, need_label: bool = True):
         if ldata.shape != data.shape:
             raise DataError(f"{case.label}: label shape {ldata.shape} does not match image shape "
                             f"{data.shape}")
-        if not np.allclose(limg.affine, img.affine, atol=1e-3):
-            raise DataError(f"{case.label}: label affine does not match the "
-                            f"image's\n{limg.affine}\nvs\n{img.affine}")
+        differ = affine_mismatch(limg.affine, img.affine)
+        if differ:
+            raise DataError(f"{case.label}: label and image {differ}; resample the label onto "
+                            f"{case.image.name}'s grid (or fix the header)")
         if not np.all(np.isfinite(ldata)):
             raise DataError(f"{case.label}: label holds NaN or infinite values")
         # every label value > 0 is prostate
         label = O.apply_orientation((ldata > 0).astype(np.uint8), ornt)
     return O.apply_orientation(data, ornt).astype(np.float32), label, geo
+
+
+def affine_mismatch(a, b, tol_mm: float = 1e-3) -> str | None:
+    """How two voxel grids differ, in one phrase for a one-line error (None if they agree within
+    tol_mm): NaN in either affine, or the largest difference in mm (voxel size, origin) or degrees
+    (axis direction)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+        return "an affine holds NaN or infinite values (a broken header: fix its sform/qform)"
+    if np.allclose(a, b, atol=tol_mm):
+        return None
+    size_a, size_b = np.linalg.norm(a[:3, :3], axis=0), np.linalg.norm(b[:3, :3], axis=0)
+    cos = np.sum(a[:3, :3] * b[:3, :3], 0) / np.maximum(size_a * size_b, 1e-12)
+    degrees = float(np.degrees(np.arccos(np.clip(cos, -1, 1))).max())
+    parts = [f"voxel size by {np.abs(size_a - size_b).max():.3g} mm",
+             f"origin by {np.linalg.norm(a[:3, 3] - b[:3, 3]):.3g} mm",
+             f"axis direction by {degrees:.3g} degrees"]
+    return "grids differ: " + ", ".join(parts)
 
 
 def detect_modality(image: np.ndarray) -> str:
@@ -784,6 +856,11 @@ def main(argv=None):
     p.add_argument("--cache", default="data_cache", help="preprocessed-volume cache folder")
     p.add_argument("--split-seed", type=int, default=0, help="the 70/10/20 split (as train.py)")
     args = p.parse_args(argv)
+    root, cache = Path(args.data_dir).resolve(), Path(args.cache).resolve()
+    if root == cache or root in cache.parents:
+        print(f"error: --cache {args.cache} lies inside the data set {args.data_dir}, where nothing "
+              f"is written; choose a cache folder outside it", file=sys.stderr)
+        return 2
     try:
         cases = find_cases(args.data_dir, args.channel)
         tr, va, te = split_cases([c.name for c in cases], args.split_seed)
@@ -798,4 +875,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:                                   # Ctrl-C: one line, no traceback
+        sys.exit("interrupted: the cases cached so far are complete; the same command continues")

@@ -153,42 +153,49 @@ def save_like(array, reference_img, path: Path, dtype):
 
 
 IMAGE_FOLDERS = ("imagesTr", "imagesTs", "images")
+LABEL_FOLDERS = ("labelsTr", "labelsTs", "labels")
 
 
-def list_inputs(inp: Path):
-    """The NIfTI images to segment: a file, or every image of a folder (a data set root's
-    imagesTr/). Label files that sit beside the images (PROMISE12's CASE_segmentation) are not
-    images and are skipped."""
+def list_inputs(inp: Path, channel="0", log=print) -> list:
+    """The images to segment, as [(case, file, channel within the file)]: a file, or every image of a
+    folder (a data set root's imagesTr/), channels found by data.image_cases, the rule training uses
+    (nnU-Net's CASE_XXXX files: the one of --channel). PROMISE12's CASE_segmentation labels beside the
+    images are not images and are skipped."""
     if inp.is_dir():
         folder = inp / "imagesTr" if (inp / "imagesTr").is_dir() else inp
-        # PROMISE12's labels left out
-        files = [p for p in data.nifti_files(folder)
-                 if not p.name.split(".nii")[0].endswith(data.SEGMENTATION_SUFFIX)]
-        if not files:
-            other = sorted({p.suffix for p in folder.iterdir() if p.suffix in (".mhd", ".mha", ".nrrd", ".dcm")})
-            hint = f" (found {', '.join(other)}: NIfTI only, convert them first, e.g. with SimpleITK)" if other else ""
+        root = folder.parent if folder.name in IMAGE_FOLDERS else folder
+        meta = data.read_dataset_json(root)
+        index = data.channel_index(channel, meta.get("modality") or meta.get("channel_names") or {},
+                                   root)
+        items = data.image_cases(folder, 0 if index is None else index)
+        if not items:
+            other = sorted({p.suffix for p in folder.iterdir()
+                            if p.suffix in (".mhd", ".mha", ".nrrd", ".dcm")})
+            hint = (f" (found {', '.join(other)}: NIfTI only, convert them first, e.g. with "
+                    f"SimpleITK)" if other else "")
             raise FileNotFoundError(f"no NIfTI images (.nii, .nii.gz) in {folder}{hint}")
-        return files
+        if index is None:                 # a channel name and no dataset.json: each file decides
+            items = [(n, p, resolve_channel(p, channel, log)) for n, p, _ in items]
+        return items
     if not inp.is_file():
         raise FileNotFoundError(f"{inp}: no such file or folder")
     if not inp.name.endswith((".nii", ".nii.gz")):
         raise ValueError(f"{inp}: not a NIfTI file (.nii, .nii.gz); convert it first, e.g. with "
                          f"SimpleITK")
-    return [inp]
+    return [(data.image_case_name(inp), inp, resolve_channel(inp, channel, log))]
 
 
-def protected_folders(in_paths, input_arg=None) -> tuple:
+def protected_folders(in_paths, input_arg=None, gt=None) -> tuple:
     """(trees, folders): nothing may be written inside a tree or into a folder. Trees: the folder
-    given as input, and the data set an image belongs to (the parent of imagesTr/, images/ ..., or
-    any folder with a dataset.json above it), so neither the images nor the labels beside them can
-    be replaced. Folders: each input file's own folder (a subfolder of it, e.g. ./out next to
-    ./scan.nii.gz, is fine)."""
-    trees = {Path(input_arg).resolve()} if input_arg is not None and Path(input_arg).is_dir() else set()
-    folders = set()
-    for p in in_paths:
-        folder = Path(p).resolve().parent
-        folders.add(folder)
-        if folder.name in IMAGE_FOLDERS:
+    given as input, the --gt folder, and the data set an image or label belongs to (the parent of
+    imagesTr/, labelsTr/, images/ ..., or any folder with a dataset.json above it), so neither the
+    images nor the labels can be replaced, with --overwrite or without. Folders: each input file's
+    own folder (a subfolder of it, e.g. ./out next to ./scan.nii.gz, is fine)."""
+    trees = {Path(d).resolve() for d in (input_arg, gt) if d is not None and Path(d).is_dir()}
+    files = list(in_paths) + ([Path(gt)] if gt is not None and Path(gt).is_file() else [])
+    folders = {Path(p).resolve().parent for p in files}
+    for folder in folders | set(trees):
+        if folder.name in IMAGE_FOLDERS + LABEL_FOLDERS:
             trees.update({folder, folder.parent})
         trees.update(f for f in (folder, *folder.parents) if (f / "dataset.json").is_file())
     return trees, folders
@@ -208,8 +215,9 @@ def check_output_folder(out_dir: Path, protected: tuple, what: str = "output fol
 
 
 def resolve_channel(path: Path, channel, log=print) -> int:
-    """--channel by index, or by name through the data set's dataset.json. A 3-D image has one
-    channel, so a name (e.g. T2) is accepted for it with a note."""
+    """--channel of one file: an index, or a name through the dataset.json of the data set it belongs
+    to (data.channel_index). A 3-D image has one channel, so a name (e.g. T2) is accepted for it with a
+    note."""
     if str(channel).isdigit():
         return int(channel)
     import nibabel as nib
@@ -220,11 +228,12 @@ def resolve_channel(path: Path, channel, log=print) -> int:
     if len(shape) == 3:
         log(f"  {path.name}: a 3-D image has a single channel; using it for --channel {channel}")
         return 0
-    try:
-        return data.find_cases(path.parent.parent, channel, require_labels=False)[0].channel
-    except data.DataError:
+    meta = data.read_dataset_json(path.parent.parent)
+    index = data.channel_index(channel, meta.get("modality") or meta.get("channel_names") or {}, path)
+    if index is None:
         raise data.DataError(f"{path}: no dataset.json above it names channel {channel!r}; give "
-                             f"--channel as an index, 0 to {shape[3] - 1}") from None
+                             f"--channel as an index, 0 to {shape[3] - 1}")
+    return index
 
 
 def ground_truth_for(gt, name: str):
@@ -240,16 +249,18 @@ def ground_truth_for(gt, name: str):
     return metrics.nifti_files(gt, "gt").get(name)
 
 
-def run(run_dir, inputs, out_dir, channel="0", device=None, save_prob=False,
-        largest_component=False, log=print, overwrite=False, png_dir=None, gt=None, input_arg=None):
-    """Segment every input file into out_dir; returns the written mask paths. Everything is checked
-    before any work: no output inside an input data folder, no existing file replaced unless
-    overwrite."""
+def run(run_dir, items, out_dir, device=None, save_prob=False, largest_component=False, log=print,
+        overwrite=False, png_dir=None, gt=None, input_arg=None):
+    """Segment every input into out_dir; items: [(case, image file, channel)] as list_inputs gives.
+    Returns the written mask paths. Everything is checked before any work: no output inside an input
+    data folder or the ground truth, no two inputs written to one name, no existing file replaced
+    unless overwrite (and never an input)."""
     import nibabel as nib
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out_dir = Path(out_dir)
-    in_paths = [Path(p).resolve() for p in inputs]
-    protected = protected_folders(in_paths, input_arg)
+    names = [name for name, _, _ in items]
+    in_paths = [Path(p).resolve() for _, p, _ in items]
+    protected = protected_folders(in_paths, input_arg, gt)
     check_output_folder(out_dir, protected)
     if png_dir is not None:
         check_output_folder(Path(png_dir), protected, "--png folder")
@@ -257,7 +268,11 @@ def run(run_dir, inputs, out_dir, channel="0", device=None, save_prob=False,
     # metrics.py finds each mask's label by name. Every file this run would write is listed first:
     # if any exists and --overwrite was not given, the run stops before doing any work, rather than
     # after the first hour.
-    names = [data.image_case_name(path) for path in in_paths]
+    for i, name in enumerate(names):                      # two inputs, one output name
+        if name in names[:i]:
+            j = names.index(name)
+            raise ValueError(f"{in_paths[j]} and {in_paths[i]} would both be written to "
+                             f"{output_path(out_dir, name)}; segment them into separate folders")
     targets = [output_path(out_dir, n) for n in names]
     targets += [output_path(out_dir, n, "_prob") for n in names] if save_prob else []
     targets += [Path(png_dir) / f"{n}.png" for n in names] if png_dir is not None else []
@@ -278,10 +293,10 @@ def run(run_dir, inputs, out_dir, channel="0", device=None, save_prob=False,
     # own grid (the inverse of the body crop and the 1-mm resampling), then write with the input's
     # affine and header.
     written, t0 = [], time.time()
-    for i, (path, name) in enumerate(zip(in_paths, names), 1):
+    for i, ((name, _, channel), path) in enumerate(zip(items, in_paths), 1):
         target = output_path(out_dir, name)
         label = ground_truth_for(gt, name)
-        case = data.Case(name, path, label, resolve_channel(path, channel, log), "auto")
+        case = data.Case(name, path, label, channel, "auto")
         prep = data.preprocess(case, need_label=label is not None, log=log)
         prob, centre = segment(prep, stage1, stage2, device, log, largest_component,
                                stage1_antialias=bool(targs.get("stage1_antialias", False)))
@@ -333,10 +348,9 @@ def main(argv=None):
         p.error(f"--device {args.device}: no CUDA GPU is available here; leave --device out to use "
                 f"the CPU")
     try:
-        run(args.run_dir, list_inputs(Path(args.input)), args.output_dir, args.channel, device,
-            args.save_prob,
-            args.largest_component, overwrite=args.overwrite, png_dir=args.png, gt=args.gt,
-            input_arg=args.input)
+        items = list_inputs(Path(args.input), args.channel)
+        run(args.run_dir, items, args.output_dir, device, args.save_prob, args.largest_component,
+            overwrite=args.overwrite, png_dir=args.png, gt=args.gt, input_arg=args.input)
     except (ValueError, FileNotFoundError) as e:      # DataError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -344,4 +358,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:                                   # Ctrl-C: one line, no traceback
+        sys.exit("interrupted: the masks written so far are complete; rerun with "
+                 "--overwrite or another folder for the rest")

@@ -294,7 +294,15 @@ def load_mask(path: Path):
         raise ValueError(f"{path}: mask must be 3-D, got shape {data.shape}")
     if not np.all(np.isfinite(data)):
         raise ValueError(f"{path}: mask holds NaN or infinite values")
-    return data > 0, img.affine, spacing_from_affine(img.affine)
+    lo, hi = data.min(), data.max()
+    if lo < 0 or hi > 255 or (data.dtype.kind == "f" and not np.array_equal(data, np.round(data))):
+        raise ValueError(f"{path}: not a label mask (values {lo:g} to {hi:g}; a mask holds integer "
+                         f"labels 0 to 255); is it an image?")
+    spacing = spacing_from_affine(img.affine)
+    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise ValueError(f"{path}: voxel spacing {spacing.tolist()} mm from its affine; fix the "
+                         f"file's sform/qform")
+    return data > 0, img.affine, spacing
 
 
 def evaluate_folders(pred_dir, gt_dir, hd95_definition: str = "max", log=print,
@@ -308,9 +316,10 @@ def evaluate_folders(pred_dir, gt_dir, hd95_definition: str = "max", log=print,
         if p.shape != g.shape:
             raise ValueError(f"case {case}: prediction shape {p.shape} != ground truth shape "
                              f"{g.shape}")
-        if not np.allclose(p_aff, g_aff, atol=1e-3):
-            raise ValueError(f"case {case}: prediction affine differs from the ground "
-                             f"truth's\n{p_aff}\nvs\n{g_aff}")
+        differ = data.affine_mismatch(p_aff, g_aff)
+        if differ:
+            raise ValueError(f"{preds[case]}: prediction and ground truth {differ}; predict on the "
+                             f"ground truth's grid (infer.py writes masks on the input's grid)")
         row = {"case": case, **evaluate(p, g, spacing, hd95_definition),
                "empty_prediction": not p.any()}
         rows.append(row)
@@ -328,6 +337,9 @@ def paired_files(pred_dir, gt_dir, only=None):
     preds, gts = nifti_files(Path(pred_dir), "pred"), nifti_files(Path(gt_dir), "gt")
     if only is not None:
         gts = {k: v for k, v in gts.items() if k in set(only)}
+        if not gts:
+            raise ValueError(f"{gt_dir}: none of the cases {', '.join(sorted(only)[:3])} ... has a "
+                             f"ground truth there; check the case names")
     missing = sorted(set(gts) - set(preds))
     if missing:
         raise ValueError(f"{pred_dir}: no prediction for case(s) {', '.join(missing)} of {gt_dir}")
@@ -374,13 +386,14 @@ class CsvLog:
         if not (resume and self.path.exists()):
             data.atomic_write_text(self.path, ",".join(self.FIELDS) + "\r\n")
 
-    def truncate_after(self, stage: int, step: int) -> None:
-        """At the start of a stage: drop that stage's rows logged after its last checkpoint (`step`;
-        0 when it starts afresh), so the steps between a checkpoint and a kill are not in the log
-        twice after --resume (Fig. 7's curves and ablation.py's training time read this log)."""
+    def truncate_after(self, stage: int, epochs_done: int) -> None:
+        """At the start of a stage: drop that stage's rows of the epoch a kill interrupted (after
+        `epochs_done` finished epochs; 0 when it starts afresh), so no step is in the log twice after
+        --resume (Fig. 7's curves and ablation.py's training time read this log). Rows of finished
+        epochs are never touched: they are the history the checkpoint continues."""
         with open(self.path, newline="") as f:
             rows = list(csv.DictReader(f))
-        keep = [r for r in rows if int(r["stage"]) != stage or int(r["step"]) <= step]
+        keep = [r for r in rows if int(r["stage"]) != stage or int(r["epoch"]) <= epochs_done]
         if len(keep) != len(rows):
             write_csv(self.path, keep, self.FIELDS)
 
@@ -457,4 +470,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:                                   # Ctrl-C: one line, no traceback
+        sys.exit("interrupted: nothing was written")

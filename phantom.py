@@ -42,9 +42,9 @@ def make_phantom_case(seed: int, spacing=None):
     contrast of a few tens of HU. Blurred by an in-plane PSF and the slice profile, then Gaussian
     noise of sigma 10-25 HU. Returns (hu int16, label uint8, spacing (3,), truth dict).
 
-    The hard part is deliberate: the rectal stool behind the prostate covers the prostate's HU range,
-    so only context tells them apart, as the low soft-tissue contrast of CT does in the paper's
-    Fig. 2. Everything is drawn from `seed`, so a data set is reproduced exactly from its seed."""
+    The hard part is deliberate: the rectal stool behind the prostate covers the prostate's HU
+    range, so only context tells them apart, as the low soft-tissue contrast of CT does in the
+    paper's Fig. 2. Everything is drawn from `seed`, so a data set is reproduced exactly from its seed."""
     rng = np.random.default_rng(seed)
     s_xy = rng.uniform(0.93, 1.37) if spacing is None else spacing[0]
     s_z = rng.choice([1.0, 1.25, 1.5, 2.0, 2.5, 3.0]) if spacing is None else spacing[2]
@@ -137,6 +137,8 @@ def make_phantom_case(seed: int, spacing=None):
                    3071).astype(np.int16), label, np.array([s_xy, s_xy, s_z]), truth
 
 
+# The data set is written in the Medical Segmentation Decathlon's layout (dataset.json, imagesTr/,
+# labelsTr/), so every reader of real data in data.py is exercised by the default run too.
 def make_phantom(out_dir, cases: int = 20, seed: int = 0, log=print) -> Path:
     """Write a Decathlon-layout phantom data set (dataset.json, imagesTr, labelsTr) into a new
     folder.
@@ -209,4 +211,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:                                   # Ctrl-C: one line, no traceback
+        sys.exit("interrupted: delete the partial phantom folder and run again")

@@ -231,7 +231,7 @@ def train_stage(stage, model, train_set, validate, args, ctx, log):
     steps_per_epoch = len(loader)
     total, step = epochs * steps_per_epoch, start_epoch * steps_per_epoch
     if master:
-        log.truncate_after(stage, step)
+        log.truncate_after(stage, start_epoch)
         if validate is None and start_epoch == 0:
             print(f"stage {stage}: no validation split (--split all or --folds): the last epoch is "
                   f"kept")
@@ -334,7 +334,8 @@ def end_of_epoch(stage, epoch, epochs, step, model, opt, gen, best, validate, ar
 
 def gather_generator_states(gen, ctx):
     """Every rank's sampler-generator state, so a resumed run draws the same tuples (a collective in
-    DDP)."""
+    DDP). The samplers draw from one generator per rank, seeded by the rank, so each rank's state is
+    kept: a resumed rank r continues its own stream."""
     states = [gen.get_state()] * ctx["world"]
     if ctx["ddp"]:
         dist.all_gather_object(states, gen.get_state())
@@ -422,7 +423,7 @@ def score_test_split(run_dir: Path, test_cases, channel, device, title: str, ext
     run_dir/predictions (the run's own folder, so a resumed run may replace them), then metrics.py's
     evaluation against the labels -> run_dir/test_metrics.csv and its summary (Table III layout)."""
     pred_dir = Path(run_dir) / "predictions"
-    infer.run(run_dir, [c.image for c in test_cases], pred_dir, channel=channel, device=device,
+    infer.run(run_dir, [(c.name, c.image, c.channel) for c in test_cases], pred_dir, device=device,
               overwrite=True)
     rows = metrics.evaluate_folders(pred_dir, Path(test_cases[0].label).parent,
                                     only=[c.name for c in test_cases])
@@ -432,9 +433,13 @@ def score_test_split(run_dir: Path, test_cases, channel, device, title: str, ext
 
 
 # --------------------------------------------------------------------------------------- run folder
-# What a resumed run must share with the run it continues: the networks' shapes and the data.
+# What a resumed run must share with the run it continues: the networks' shapes, the data, and every
+# setting that decides the training path (so a resumed run ends where the uninterrupted one would).
 RESUME_MUST_MATCH = ("config", "width", "stage1_filters", "data", "channel", "split", "split_seed",
-                     "folds", "fold")
+                     "folds", "fold", "batch", "patches", "stage1_patches", "epochs1", "epochs2",
+                     "lr", "momentum", "weight_decay", "seed", "k", "m", "sigma", "eps", "beta",
+                     "lam", "tau", "no_normalize", "fg_fraction", "stage1_antialias",
+                     "stage1_loss", "augment", "hard_negatives")
 
 
 def save_checkpoint(obj: dict, path) -> None:
@@ -496,8 +501,12 @@ def copy_stage1(src: Path, run: Path, dataset: dict):
     path = src / "stage1_best.pt"
     if not path.is_file():
         sys.exit(f"error: --stage1-from {src}: no stage1_best.pt there")
-    ck = M.load_checkpoint(path)
-    theirs = ck["dataset"]
+    try:
+        ck = M.load_checkpoint(path)
+        theirs = ck["dataset"]
+    except Exception as e:      # truncated, garbage, foreign or code-carrying files all end here
+        sys.exit(f"error: --stage1-from {path} is not a valid or trusted train.py checkpoint "
+                 f"({type(e).__name__}); train Stage 1 again or give another run folder")
     if sorted(theirs["train"]) != sorted(dataset["train"]) or theirs["root"] != dataset["root"]:
         sys.exit(f"error: --stage1-from {src}: its Stage 1 was trained on other cases than this "
                  f"run's training set")
@@ -562,6 +571,15 @@ def main(argv=None):
     torch.manual_seed(args.seed + ctx["rank"])
     np.random.seed(args.seed + ctx["rank"])
     run = Path(args.out)
+    # A bad --data, --channel or --folds is refused here, before the run folder is made: listing the
+    # cases is cheap, and a user who mistyped a path must not find an empty run folder behind.
+    try:
+        if args.data:
+            names = [c.name for c in data.find_cases(args.data, args.channel)]
+            if args.folds:
+                data.split_cases(names, args.split_seed, fold=args.fold, folds=args.folds)
+    except ValueError as e:                              # data.DataError is a ValueError
+        sys.exit(f"error: {e}")
     open_run_folder(run, args, ctx)
     try:                                                 # data.DataError is a ValueError
         cases, preps, tr, va, te = prepare_data(args, ctx)
@@ -607,6 +625,9 @@ def main(argv=None):
     if master:
         print(f"training done in {fmt_time(time.time() - t_start)}")
     has_stage1 = (run / "stage1_best.pt").exists()
+    if master and args.stage != "1" and not has_stage1 and not args.no_test and te:
+        print(f"no Stage 1 in {run} (train it with --stage 1 or both, or pass --stage1-from): the "
+              f"test split is not segmented")
     if master and args.stage != "1" and has_stage1 and not args.no_test and te:
         # the test split through infer.py and metrics.py, exactly as a user would run them
         score_test_split(run, [c for c in cases if c.name in te], args.channel, device,
@@ -619,4 +640,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:                                   # Ctrl-C: one line, no traceback
+        sys.exit("interrupted: every checkpoint written is complete; --resume continues "
+                 "from the last finished epoch")

@@ -155,7 +155,7 @@ def good_arrays():
 
 @pytest.mark.parametrize("kind,match", [
     ("label_shape", "does not match image shape"),
-    ("label_affine", "label affine does not match"),
+    ("label_affine", r"label and image grids differ: voxel size by 1 mm, origin by 0 mm, axis direction by 0 "),
     ("nan", "NaN or infinite"),
     ("empty_label", "label is empty"),
     ("zero_spacing", "spacing must be positive|singular affine"),

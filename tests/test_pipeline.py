@@ -123,7 +123,7 @@ def test_inference_keeps_shape_and_affine_anisotropic_phantom(phantom, trained_r
     root, _ = phantom
     src = root / "imagesTr" / "phantom_001.nii.gz"                  # stored LPS, anisotropic spacing
     out = tmp_path / "pred"
-    infer.run(trained_run, [src], out, save_prob=True, log=lambda *a: None)
+    infer.run(trained_run, [("phantom_001", src, 0)], out, save_prob=True, log=lambda *a: None)
     ref, pred = nib.load(str(src)), nib.load(str(out / "phantom_001.nii.gz"))
     assert pred.shape == ref.shape and np.allclose(pred.affine, ref.affine)
     assert pred.get_data_dtype() == np.uint8
@@ -181,6 +181,7 @@ def test_train_refuses_bad_arguments_without_writing(phantom, tmp_path, capsys):
         ablation.ablation_main(["--data", str(root), "--results", str(root / "results"), "--cache", str(cache)])
     with pytest.raises(SystemExit, match="folds"):                       # 9 folds of 4 cases
         train.main(["--data", str(root), "--out", str(tmp_path / "run9"), "--cache", str(cache), "--folds", "9"])
+    assert not (tmp_path / "run9").exists()                              # refused before any writing
     assert sorted(str(p) for p in root.rglob("*")) == before
 
 
@@ -269,3 +270,32 @@ def test_split_all_trains_on_every_case_and_keeps_the_last_epoch(phantom, tmp_pa
     assert sorted(ck["dataset"]["train"]) == names and ck["dataset"]["val"] == [] and ck["dataset"]["test"] == []
     assert ck["epoch"] == 1                                   # no validation: the last epoch is the one kept
     assert not (out / "stage1_test.csv").exists()             # nothing held out, nothing scored
+
+
+def test_resume_never_rewrites_history(phantom, tmp_path):
+    root, cache = phantom
+    out = tmp_path / "run"
+    args = ["--data", str(root), "--cache", str(cache), "--out", str(out), "--stage", "1", "--epochs1", "1",
+            "--stage1-patches", "16", "--no-test", *TINY]
+    train.main(args)
+    log_before = (out / "log.csv").read_bytes()
+    with pytest.raises(SystemExit, match=r"--batch 8 \(now 4\)"):           # another batch: another run
+        train.main([*args, "--resume", "--batch", "4"])
+    assert (out / "log.csv").read_bytes() == log_before
+
+
+def test_stage1_from_a_corrupt_checkpoint_is_one_line(phantom, tmp_path, capsys):
+    root, cache = phantom
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "stage1_best.pt").write_bytes(b"PK\x03\x04 not a checkpoint")
+    with pytest.raises(SystemExit, match="not a valid or trusted train.py checkpoint"):
+        train.main(["--data", str(root), "--cache", str(cache), "--out", str(tmp_path / "s2"), "--stage", "2",
+                    "--stage1-from", str(bad), *TINY])
+
+
+def test_stage2_without_a_stage1_says_why_the_test_split_is_skipped(phantom, tmp_path, capsys):
+    root, cache = phantom
+    train.main(["--data", str(root), "--cache", str(cache), "--out", str(tmp_path / "s2"), "--stage", "2",
+                "--epochs2", "1", "--patches", "8", *TINY])
+    assert "no Stage 1 in" in capsys.readouterr().out

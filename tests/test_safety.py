@@ -48,7 +48,7 @@ def snapshot(folder):
     return {p: p.read_bytes() for p in Path(folder).rglob("*") if p.is_file()}
 
 
-# ------------------------------------------------------------------ data loss (items 1-3)
+# ------------------------------------------------------------------ data loss
 
 def test_infer_never_writes_into_the_data_sets_label_folder(decathlon, tmp_path, capsys):
     before = snapshot(decathlon)
@@ -83,7 +83,7 @@ def test_metrics_csv_never_replaces_a_prediction_or_a_report(tmp_path, capsys):
     assert report.read_text().startswith("case,")
 
 
-# ------------------------------------------------------------------ silent wrong results (items 4-8)
+# ------------------------------------------------------------------ silent wrong results
 
 def stale_pixdim_file(path, arr, aff):
     """A NIfTI whose affine says `aff` while its header's pixdim says 1 x 1 x 1 mm (as some converters write)."""
@@ -130,12 +130,14 @@ def test_empty_ground_truth_gives_strict_json_and_no_warning(tmp_path):
 def test_resume_keeps_each_logged_step_once(tmp_path):
     log = metrics.CsvLog(tmp_path / "log.csv", resume=False)
     log.write([dict(stage=1, epoch=1, step=s, loss=0.1) for s in (1, 2)] + [dict(stage=1, epoch=1, step=2, val_dsc=0.5)])
-    log.write([dict(stage=2, epoch=1, step=s, loss=0.2) for s in range(1, 6)])   # steps 4-5: after the checkpoint
+    log.write([dict(stage=2, epoch=1, step=s, loss=0.2) for s in range(1, 4)] + [dict(stage=2, epoch=1, step=3,
+                                                                                      val_dsc=0.7)])
+    log.write([dict(stage=2, epoch=2, step=s, loss=0.2) for s in (4, 5)])   # epoch 2: killed before its end
     again = metrics.CsvLog(tmp_path / "log.csv", resume=True)
-    again.truncate_after(2, 3)                                          # the checkpoint was at step 3
+    again.truncate_after(2, 1)                                          # the checkpoint holds epoch 1
     rows = list(csv.DictReader(open(tmp_path / "log.csv")))
     assert [(r["stage"], r["step"]) for r in rows] == [("1", "1"), ("1", "2"), ("1", "2"), ("2", "1"), ("2", "2"),
-                                                       ("2", "3")]
+                                                       ("2", "3"), ("2", "3")]
 
 
 def test_one_message_when_no_centre_is_found():
@@ -146,7 +148,7 @@ def test_one_message_when_no_centre_is_found():
     assert "falling back" not in inspect.getsource(data.preprocess)
 
 
-# ------------------------------------------------------------------ one line, not a traceback (items 9-12)
+# ------------------------------------------------------------------ one line, not a traceback
 
 class Payload:
     def __reduce__(self):
@@ -230,13 +232,13 @@ def test_phantom_needs_at_least_one_case(tmp_path, n, capsys):
     assert "--cases" in capsys.readouterr().err and not (tmp_path / "ph").exists()
 
 
-# ------------------------------------------------------------------ real data sets (items 13-16)
+# ------------------------------------------------------------------ real data sets
 
 def test_promise12_naming(tmp_path):
     folder = tmp_path / "promise"
     save(folder / "Case00.nii.gz", (box_mask() * 100).astype(np.int16))
     save(folder / "Case00_segmentation.nii.gz", box_mask())
-    assert infer.list_inputs(folder) == [folder / "Case00.nii.gz"]           # the label is not segmented
+    assert infer.list_inputs(folder) == [("Case00", folder / "Case00.nii.gz", 0)]   # label not segmented
     assert metrics.nifti_files(folder, "gt") == {"Case00": folder / "Case00_segmentation.nii.gz"}
     pred = tmp_path / "pred"
     save(pred / "Case00.nii.gz", box_mask())
@@ -368,3 +370,126 @@ def test_infer_allows_a_subfolder_next_to_a_single_scan_but_not_beside_it(tmp_pa
     infer.check_output_folder(tmp_path / "out", prot)                  # ./out next to ./scan.nii.gz is fine
     with pytest.raises(ValueError, match="input folder"):
         infer.check_output_folder(tmp_path, prot)                       # beside the scan is not
+
+
+# ------------------------------------------------------------------ names, channels, ground truth, inputs
+
+def test_overwrite_never_replaces_the_ground_truth(decathlon, tmp_path, capsys):
+    labels = decathlon / "labelsTr"
+    before = snapshot(decathlon)
+    for extra in (["--overwrite"], []):
+        rc = infer.main([str(tmp_path / "no-run"), str(decathlon / "imagesTr"), str(labels), "--gt",
+                         str(labels), *extra])
+        err = capsys.readouterr().err
+        assert rc == 2 and "input folder" in err and "--overwrite" not in err
+    gt_elsewhere = tmp_path / "gt"                            # a ground-truth folder outside any data set
+    save(gt_elsewhere / "a.nii.gz", box_mask())
+    assert infer.main([str(tmp_path / "no-run"), str(decathlon / "imagesTr"), str(tmp_path / "o"), "--png",
+                       str(gt_elsewhere), "--gt", str(gt_elsewhere)]) == 2     # pictures into the labels: no
+    assert "input folder" in capsys.readouterr().err
+    assert snapshot(decathlon) == before and sorted(p.name for p in gt_elsewhere.iterdir()) == ["a.nii.gz"]
+
+
+def test_two_inputs_with_one_output_name_are_refused(tmp_path, capsys):
+    for name in ("scan.nii", "scan.nii.gz"):
+        save(tmp_path / "in" / name, (box_mask() * 100).astype(np.int16))
+    assert infer.main([str(tmp_path / "no-run"), str(tmp_path / "in"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "scan.nii and" in err and "scan.nii.gz would both be written" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_case_ids_ending_in_four_digits_are_cases(tmp_path):
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    for i in (1, 2, 3):
+        save(gt / f"pat_{i:04d}.nii.gz", box_mask())
+        save(pred / f"pat_{i:04d}.nii.gz", box_mask(lo=(5, 6, 2 + i)))
+    rows = metrics.evaluate_folders(pred, gt, log=lambda *_: None)
+    assert [r["case"] for r in rows] == ["pat_0001", "pat_0002", "pat_0003"]
+    # by hand: the prediction box starts i slices later and ends with the label's: 6 - i slices, all inside
+    assert [r["DSC"] for r in rows] == pytest.approx([2 * (6 - i) / (6 + 6 - i) for i in (1, 2, 3)])
+    root = tmp_path / "decathlon"                             # Decathlon images named pat_0001, ...
+    for i in (1, 2, 3):
+        save(root / "imagesTr" / f"pat_{i:04d}.nii.gz", (box_mask() * 100).astype(np.int16))
+        save(root / "labelsTr" / f"pat_{i:04d}.nii.gz", box_mask())
+    assert [c.name for c in data.find_cases(root)] == ["pat_0001", "pat_0002", "pat_0003"]
+    with pytest.raises(ValueError, match="none of the cases"):  # an empty test split is an error
+        metrics.evaluate_folders(pred, gt, only=["pat_0009"], log=lambda *_: None)
+
+
+def test_nnunet_channels_follow_one_rule(tmp_path):
+    root = tmp_path / "nnunet"
+    for case in ("pp_0001", "pp_0002"):                       # case ids ending in four digits, two channels
+        for ch in (0, 1):
+            save(root / "imagesTr" / f"{case}_{ch:04d}.nii.gz", (box_mask() * (10 + ch)).astype(np.int16))
+        save(root / "labelsTr" / f"{case}.nii.gz", box_mask())
+    (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "T2", "1": "ADC"}}))
+    for channel, suffix in (("0", "_0000"), ("T2", "_0000"), ("ADC", "_0001"), ("1", "_0001")):
+        cases = data.find_cases(root, channel)
+        assert [c.name for c in cases] == ["pp_0001", "pp_0002"]
+        assert all(c.image.name == f"{c.name}{suffix}.nii.gz" and c.label.name == f"{c.name}.nii.gz"
+                   for c in cases)
+        items = infer.list_inputs(root, channel)              # inference reads the same files
+        assert [(n, p.name) for n, p, _ in items] == [(c.name, c.image.name) for c in cases]
+    with pytest.raises(data.DataError, match="no channel 2 file"):
+        data.find_cases(root, "2")
+
+
+def test_an_image_is_not_a_mask(decathlon, tmp_path, capsys):
+    pred = tmp_path / "pred"
+    for p in (decathlon / "imagesTr").iterdir():             # the scans themselves, given as predictions
+        img = nib.load(str(p))
+        save(pred / p.name, np.asarray(img.dataobj) - 1000, img.affine)
+    assert metrics.main([str(pred), str(decathlon)]) == 2
+    err = capsys.readouterr().err
+    assert "not a label mask" in err and err.count("\n") == 1
+
+
+def test_zero_spacing_names_the_file(tmp_path):
+    save(tmp_path / "pred" / "a.nii", box_mask())
+    save(tmp_path / "gt" / "a.nii", box_mask())
+    raw = bytearray((tmp_path / "gt" / "a.nii").read_bytes())   # nibabel will not write it: patch the header
+    raw[280:296] = np.zeros(4, np.float32).tobytes()             # srow_x: the sform's x column is 0
+    raw[252:256] = np.array([0, 2], np.int16).tobytes()          # qform_code 0, sform_code 2: sform rules
+    (tmp_path / "gt" / "a.nii").write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"gt/a\.nii: voxel spacing \[0\.0, 1\.0, 1\.0\] mm"):
+        metrics.evaluate_folders(tmp_path / "pred", tmp_path / "gt", log=lambda *_: None)
+
+
+def test_nan_affine_is_said():
+    bad = np.diag([1.0, 1.0, 1.0, 1.0])
+    bad[0, 3] = np.nan
+    assert "NaN" in data.affine_mismatch(bad, bad)
+    a, b = np.eye(4), np.eye(4)
+    b[:3, 3] = (3.0, 4.0, 0.0)                                   # origin moved by a 3-4-5 triangle
+    assert data.affine_mismatch(a, b) == ("grids differ: voxel size by 0 mm, origin by 5 mm, axis direction by 0 "
+                                          "degrees")
+    assert data.affine_mismatch(a, a) is None
+
+
+def test_data_cache_inside_the_data_set_is_refused(decathlon, capsys):
+    before = snapshot(decathlon)
+    assert data.main([str(decathlon), "--cache", str(decathlon / "cache")]) == 2
+    assert "inside the data set" in capsys.readouterr().err and snapshot(decathlon) == before
+
+
+def test_ablation_checks_its_outputs_before_any_work(tmp_path):
+    import ablation
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit, match="cannot write into"):
+        ablation.ablation_main(["--data", str(tmp_path / "missing"), "--results", str(tmp_path / "afile"),
+                                "--runs", str(tmp_path / "runs")])
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_ctrl_c_is_one_line(tmp_path):
+    import signal
+    import subprocess
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "phantom.py", str(tmp_path / "ph"), "--cases", "50"], cwd=root,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while proc.poll() is None and not (tmp_path / "ph" / "imagesTr").exists():   # inside main, writing
+        pass
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and err.strip().startswith("interrupted:") and "Traceback" not in err
