@@ -178,6 +178,9 @@ def ablation_main(argv=None):
     seeds. Because finished runs are skipped, running the same command again rewrites the tables
     byte for byte from the kept runs."""
     a = parse_ablation_args(argv)
+    if "RANK" in os.environ:               # under torchrun every rank would run and write everything
+        sys.exit("error: ablation.py runs its rows one after another in one process; start it with "
+                 "python, not torchrun (each run can use the GPU it is given)")
     root = Path(a.data) if a.data else Path(a.phantom_dir or f"phantom-{a.preset}")
     # inputs stay untouched
     for what, path in (("--results", a.results), ("--runs", a.runs), ("--cache", a.cache)):

@@ -7,7 +7,8 @@ asserts.
     python bench.py loader    # Stage-2 patches/s the loader delivers vs what a training step uses
     python bench.py step      # cpu-preset Stage-2 step with its loader: paper vs small-data patches
     python bench.py infer     # one phantom case through Stage 1 + Stage 2 (paper and cpu width)
-    python bench.py all
+    python bench.py gpu --device cuda   # bf16 vs fp32 gradients, step time, memory, torchrun
+    python bench.py all       # all of the above but gpu
 Add --device cuda on a GPU machine.
 
 How to read the numbers. A 2-core CPU is a noisy instrument: the same step can take 3-6 % longer
@@ -303,6 +304,86 @@ def bench_infer(args, device):
               f"time; largest probability difference {same:.1e}")
 
 
+def gradient_agreement(model, x, labels, cfg, part: str, dtype) -> float:
+    """||g_dtype - g_fp32|| / ||g_fp32|| of the parameter gradient of one part of Eq. 4 ('ce', or a
+    sampler's lambda * L_metric), the forward pass under autocast to `dtype` (float32: 0 exactly).
+    The samplers draw from the same seed in both passes, so both differentiate the same tuples."""
+    import metricunet as M
+
+    def grads(autocast_dtype):
+        model.zero_grad(set_to_none=True)
+        gen = torch.Generator(device=x.device).manual_seed(0)
+        with torch.autocast(x.device.type, dtype=autocast_dtype or torch.float32,
+                            enabled=autocast_dtype is not None):
+            logits, feats = model(x)
+        loss, parts = _eq4(logits.float(), feats, labels, cfg, gen)
+        (parts[part] if part == "ce" else M.PAPER_DEFAULTS.lam * parts[part]).backward()
+        return torch.cat([q.grad.flatten() for q in model.parameters() if q.grad is not None])
+    ref = grads(None)
+    other = grads(None if dtype == torch.float32 else dtype)
+    return float((other - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def _eq4(logits, feats, labels, cfg, gen):
+    """Eq. 4 at the paper's settings (metricunet.total_loss)."""
+    import metricunet as M
+    return M.total_loss(logits, feats, labels, cfg, M.PAPER_DEFAULTS, gen)
+
+
+def bench_gpu(args, device):
+    """The checks a GPU machine runs first (under 8 minutes on one GPU; smaller on a CPU, which the
+    tests run): (1) bf16 against fp32 gradients, for cross-entropy and for the metric term apart:
+    Eq. 2's squared distances of unit vectors differ by a few per cent of 2, which bf16's 8-bit
+    mantissa resolves coarsely, so the metric term may need fp32 under --amp; (2) step time and peak
+    memory at --width and --batch (Table I and 30 by default), fp32 against bf16 against
+    channels-last; (3) one Stage-2 epoch under torchrun on every GPU, unless --no-torchrun."""
+    import metricunet as M
+    torch.manual_seed(0)
+    cfg = M.get_config(args.config)
+    model = M.build_model(cfg, width=args.width).to(device)
+    x = torch.randn(args.batch, 3, 64, 64, device=device)
+    yy, xx = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    disc = ((yy - 32) ** 2 + (xx - 28) ** 2) <= 15 ** 2
+    labels = disc.long().to(device).expand(args.batch, 64, 64)
+    for part in ("ce",) + cfg.samplers:
+        err = gradient_agreement(model, x, labels, cfg, part, torch.bfloat16)
+        print(f"  gradient of {part:>7}: bf16 vs fp32 relative error {err:.3f}")
+    for name, dtype, last in (("fp32", None, False), ("bf16", torch.bfloat16, False),
+                              ("bf16 channels-last", torch.bfloat16, True)):
+        net = model.to(memory_format=torch.channels_last if last else torch.contiguous_format)
+        xb = x.contiguous(memory_format=torch.channels_last if last else torch.contiguous_format)
+        opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+
+        def step():
+            on = dtype is not None
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=on):
+                logits, feats = net(xb)
+            loss, _ = _eq4(logits.float(), feats, labels, cfg, None)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        timed(step, device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t = statistics.median(timed(step, device) for _ in range(args.repeats))
+        gib = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
+        mem = f", peak {gib:.2f} GiB" if gib is not None else ""
+        print(f"  step {name:>18}: {t * 1000:8.1f} ms (width {args.width}, batch {args.batch}){mem}")
+    if not args.no_torchrun:
+        import subprocess
+        import sys
+        n = max(1, torch.cuda.device_count()) if device.type == "cuda" else 2
+        import tempfile
+        out = tempfile.mkdtemp(prefix="bench-gpu-")
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", "train.py",
+               "--preset", "cpu", "--stage", "2", "--epochs2", "1", "--no-test", "--out", out]
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        tail = "" if r.returncode == 0 else "\n" + r.stderr[-2000:]
+        print(f"  one Stage-2 epoch under torchrun, {n} process(es): rc {r.returncode}, "
+              f"{time.perf_counter() - t0:.0f} s{tail}")
+
+
 def main(argv=None):
     """Run the chosen entries. Arguments are checked first (a one-line argparse error, never a
     traceback): --batch and --width shape the model entries, --repeats the number of interleaved
@@ -310,12 +391,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", nargs="?", default="all",
-                   choices=["model", "metrics", "loader", "step", "infer", "all"])
+                   choices=["model", "metrics", "loader", "step", "infer", "gpu", "all"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--batch", type=int, default=30)
     p.add_argument("--width", type=float, default=1.0)
     p.add_argument("--config", default="HCP")
+    p.add_argument("--no-torchrun", action="store_true", help="gpu: skip the torchrun epoch")
     args = p.parse_args(argv)
     import metricunet as M
     for flag in ("repeats", "batch", "width"):
@@ -330,9 +412,9 @@ def main(argv=None):
         p.error(f"--device {args.device}: no CUDA GPU is available here")
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")
     entries = {"model": bench_model, "metrics": bench_metrics, "loader": bench_loader,
-               "step": bench_step, "infer": bench_infer}
+               "step": bench_step, "infer": bench_infer, "gpu": bench_gpu}
     for name, fn in entries.items():
-        if args.what in (name, "all"):
+        if args.what == name or args.what == "all" and name != "gpu":
             print(f"[{name}]")
             fn(args, device)
 

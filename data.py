@@ -18,7 +18,7 @@ Pipeline, in the order it runs (each step names the paper's section):
                     middle slice; optional on-the-fly augmentation (augment_patch; paper is
                     silent), a new draw every epoch through EpochIndexSampler.
   split_cases       Section IV-A: a deterministic 70 / 10 / 20 split (or cross-validation folds).
-  load_split        train.py's entry: cases, split and the cached preprocessing (DDP-safe).
+  list_and_split    train.py's entry: the cases and their split; CachedCases reads the cache lazily.
   to_original_grid  the inverse of preprocess: a 1-mm probability map back onto the input's grid.
   atomic_write      every file this project writes goes through it (no half-written files).
 
@@ -497,24 +497,33 @@ def resample_shape(shape, spacing, new_spacing: float = SPACING_MM):
                  for n, s in zip(shape, spacing))
 
 
+def cache_path(case: Case, cache_dir, need_label: bool = True) -> Path:
+    """Where a case's preprocessing is cached: keyed by the source files' paths, sizes and mtimes
+    and by the settings, so an edited scan or a changed setting is preprocessed again."""
+    recipe = [str(case.image.resolve()), _stamp(case.image), str(case.label), _stamp(case.label),
+              case.channel, case.modality, need_label, CT_WINDOW_HU, MR_PERCENTILES, SPACING_MM, 2]
+    key = hashlib.sha1(json.dumps(recipe).encode()).hexdigest()[:16]
+    return Path(cache_dir) / f"{case.name}-{key}.npz"
+
+
+def read_cached(path: Path, name: str) -> Prepared:
+    """One cached case (written by prepare_cases)."""
+    z = np.load(path, allow_pickle=False)
+    lab = z["label"] if z["label"].size else None
+    return Prepared(name, z["image"], lab, json.loads(str(z["meta"])))
+
+
 def prepare_cases(cases: list[Case], cache_dir, need_label: bool = True,
                   log=print) -> list[Prepared]:
     """Preprocess every case once and cache it (uint8 .npz + JSON meta) under cache_dir; later calls
-    read the cache. A cache entry is keyed by the source files' paths, sizes and mtimes and by the
-    settings."""
-    cache_dir = Path(cache_dir)
+    read the cache. Each file is written atomically, so processes that share a cache never see half
+    a file, even when two of them preprocess the same case."""
     out = []
     t0 = time.time()
     for i, case in enumerate(cases, 1):
-        recipe = [str(case.image.resolve()), _stamp(case.image), str(case.label),
-                  _stamp(case.label), case.channel, case.modality, need_label, CT_WINDOW_HU,
-                  MR_PERCENTILES, SPACING_MM, 2]
-        key = hashlib.sha1(json.dumps(recipe).encode()).hexdigest()[:16]
-        path = cache_dir / f"{case.name}-{key}.npz"
+        path = cache_path(case, cache_dir, need_label)
         if path.is_file():
-            z = np.load(path, allow_pickle=False)
-            lab = z["label"] if z["label"].size else None
-            out.append(Prepared(case.name, z["image"], lab, json.loads(str(z["meta"]))))
+            out.append(read_cached(path, case.name))
             continue
         p = preprocess(case, need_label, log)
         lab = p.label if p.label is not None else np.zeros(0, np.uint8)
@@ -525,6 +534,18 @@ def prepare_cases(cases: list[Case], cache_dir, need_label: bool = True,
             log(f"  preprocessed {i}/{len(cases)} {case.name}: {p.image.shape} at 1 mm, "
                 f"{p.meta['modality']}, {time.time() - t0:.0f} s")
     return out
+
+
+class CachedCases:
+    """{case name: Prepared} read from the cache when asked, not held: training keeps only what it
+    derives (the 1/4-size images, the 128^3 crops), so a process's memory does not grow with the
+    full-size volumes of every case (about 50 MB each for a pelvic CT at 1 mm)."""
+
+    def __init__(self, cases: list[Case], cache_dir):
+        self.paths = {c.name: cache_path(c, cache_dir) for c in cases}
+
+    def __getitem__(self, name: str) -> Prepared:
+        return read_cached(self.paths[name], name)
 
 
 def _stamp(path):
@@ -562,28 +583,15 @@ def split_cases(names: list[str], seed: int = 0, fractions=(0.7, 0.1, 0.2), fold
     return order[:n_train], order[n_train:n_train + n_val], order[n_train + n_val:]
 
 
-def load_split(root, channel, cache, split="70/10/20", split_seed=0, fold=None, folds=None,
-               master=True, barrier=None):
-    """train.py's data: the cases of `root`, their split (Section IV-A's 70/10/20, a
-    cross-validation fold, or split='all': every case trains, for the model a user deploys), and
-    every case preprocessed (cached). Returns (cases, {name: Prepared}, (train, val, test) names).
-
-    Under DDP, the master alone preprocesses and writes the cache while the other ranks wait at
-    `barrier`, then every rank reads the same cache: no two processes ever write one file."""
+def list_and_split(root, channel, split="70/10/20", split_seed=0, fold=None, folds=None):
+    """train.py's data: the cases of `root` and their split (Section IV-A's 70/10/20, a
+    cross-validation fold, or split='all': every case trains, for the model a user deploys).
+    Returns (cases, (train, val, test) names)."""
     cases = find_cases(root, channel)
     names = [c.name for c in cases]
     if split == "all":
-        parts = (sorted(names), [], [])
-    else:
-        parts = split_cases(names, split_seed, fold=fold, folds=folds)
-    if master:
-        how = f"fold {fold} of {folds}" if folds else split
-        print(f"data {root}: {len(cases)} cases, split {how} train {len(parts[0])} / val "
-              f"{len(parts[1])} / test {len(parts[2])} (split seed {split_seed})")
-        prepare_cases(cases, cache)
-    if barrier:
-        barrier()
-    return cases, {p.name: p for p in prepare_cases(cases, cache, log=None)}, parts
+        return cases, (sorted(names), [], [])
+    return cases, split_cases(names, split_seed, fold=fold, folds=folds)
 
 
 # ------------------------------------------------------------------------------------------ Stage 1
@@ -858,8 +866,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     root, cache = Path(args.data_dir).resolve(), Path(args.cache).resolve()
     if root == cache or root in cache.parents:
-        print(f"error: --cache {args.cache} lies inside the data set {args.data_dir}, where nothing "
-              f"is written; choose a cache folder outside it", file=sys.stderr)
+        print(f"error: --cache {args.cache} lies inside the data set {args.data_dir}, where "
+              f"nothing is written; choose a cache folder outside it", file=sys.stderr)
         return 2
     try:
         cases = find_cases(args.data_dir, args.channel)

@@ -30,8 +30,11 @@ import argparse
 import json
 import math
 import os
+import shutil
+import socket
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -288,15 +291,23 @@ def make_loader(stage, train_set, args, ctx):
 
 def resume_stage(stage, epochs, model, opt, gen, args, ctx):
     """--resume: weights, optimiser momentum and this rank's sampler state from stage{N}_last.pt,
-    loaded before the DDP wrap, so the resumed run continues bit for bit. Returns (first epoch, best
-    validation)."""
+    loaded before the DDP wrap, so the resumed run continues bit for bit. Decided once: rank 0 reads
+    its checkpoint (only it writes the run folder) and hands it to every rank, so all ranks continue
+    from the same epoch. Returns (first epoch, best validation)."""
     last = Path(args.out) / f"stage{stage}_last.pt"
-    if not (args.resume and last.exists()):
+    ck = M.load_checkpoint(last) if ctx["master"] and args.resume and last.exists() else None
+    if ctx["ddp"]:
+        box = [ck]
+        dist.broadcast_object_list(box, src=0, group=ctx["slow"])
+        ck = box[0]
+    if ck is None:
         return 0, -1.0
-    ck = M.load_checkpoint(last, ctx["device"])
+    if len(ck["generator"]) != ctx["world"]:            # every rank sees this, so all stop
+        sys.exit(f"error: --resume: {last} was written by {len(ck['generator'])} process(es), this "
+                 f"run has {ctx['world']}; resume with the same number of processes")
     model.load_state_dict(ck["model"])
     opt.load_state_dict(ck["optimizer"])
-    gen.set_state(ck["generator"][min(ctx["rank"], len(ck["generator"]) - 1)].cpu())
+    gen.set_state(ck["generator"][ctx["rank"]].cpu())
     if ctx["master"]:
         print(f"stage {stage}: resumed after epoch {ck['epoch'] + 1}/{epochs} from {last}")
     return ck["epoch"] + 1, ck["best_val"]
@@ -308,7 +319,7 @@ def end_of_epoch(stage, epoch, epochs, step, model, opt, gen, best, validate, ar
     set every epoch is "best", so the last one is kept. Returns the best validation DSC so far."""
     model.eval()
     val = validate(model) if ctx["master"] and validate else (float("nan"), float("nan"))
-    gens = gather_generator_states(gen, ctx)        # a collective: every rank takes part
+    gens = gather_generator_states(gen, ctx)        # waits for the master's validation (slow group)
     if ctx["master"]:
         is_best = math.isnan(val[0]) or val[0] > best
         best = best if math.isnan(val[0]) else max(best, val[0])
@@ -327,8 +338,7 @@ def end_of_epoch(stage, epoch, epochs, step, model, opt, gen, best, validate, ar
         save_checkpoint(ck, Path(args.out) / f"stage{stage}_last.pt")
         if is_best:
             save_checkpoint(ck, Path(args.out) / f"stage{stage}_best.pt")
-    if ctx["ddp"]:
-        dist.barrier()
+    wait_for_all(ctx)
     return best
 
 
@@ -338,7 +348,7 @@ def gather_generator_states(gen, ctx):
     kept: a resumed rank r continues its own stream."""
     states = [gen.get_state()] * ctx["world"]
     if ctx["ddp"]:
-        dist.all_gather_object(states, gen.get_state())
+        dist.all_gather_object(states, gen.get_state(), group=ctx["slow"])
     return states
 
 
@@ -492,7 +502,8 @@ def open_run_folder(run: Path, args, ctx) -> None:
     except OSError as e:
         sys.exit(f"error: cannot write the run folder {run}: {e.strerror}; choose a writable --out")
     what = "Stage 1 (light UNet)" if args.stage == "1" else M.row_name(args.config)
-    print(f"{what}, preset {args.preset}, {ctx['world']} process(es) on {ctx['device']}, run {run}")
+    print(f"{what}, preset {args.preset}, {ctx['world']} process(es) on {ctx['device']}, batch "
+          f"{args.batch} per process ({args.batch * ctx['world']} per step), run {run}")
 
 
 def copy_stage1(src: Path, run: Path, dataset: dict):
@@ -514,50 +525,126 @@ def copy_stage1(src: Path, run: Path, dataset: dict):
 
 
 # --------------------------------------------------------------------------------------------- main
+# The DDP rule, decided here once: a rank waits on another rank's long local work (data preparation,
+# the master's validation and test split) only through ctx["slow"], a gloo group whose timeout is
+# SLOW_WAIT. The default group, with the backend's own timeout (NCCL's is 10 minutes), carries only
+# what waits on a training step: DDP's gradient all-reduce and its start-up broadcast.
+SLOW_WAIT = timedelta(hours=24)
+
+
 def setup_distributed():
     """The one DDP block: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; NCCL on CUDA, gloo on CPU.
-    Multi-node works the same: LOCAL_RANK picks this machine's GPU, the global RANK 0 alone writes
-    (run folder, phantom, log). Every node needs --data at the same path (or a shared file system);
-    each node's processes preprocess into their own --cache if it is not shared.
+    Multi-node works with node-local disks and with a shared one: each node prepares the data it
+    needs (prepare_data), the global rank 0 alone writes the run folder, and it hands a resumed
+    checkpoint to every rank (resume_stage).
 
     What Eq. 4 means under DDP: each process sums Eq. 2 over its own batch (--batch, 30 in the
     paper) and DDP averages the gradients over processes, so lambda weighs the metric term against
     the cross-entropy of one GPU's batch, whatever the number of GPUs ("30 on each GPU")."""
     if int(os.environ.get("RANK", -1)) == -1:               # plain `python train.py`: one process
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return dict(ddp=False, rank=0, local_rank=0, world=1, device=device, master=True)
-    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    rank, local_rank, world = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
-    if torch.cuda.is_available():
+        return dict(ddp=False, rank=0, local_rank=0, local_world=1, world=1, device=device,
+                    master=True)
+    local_rank, local_world = int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"])
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if 0 < gpus < local_world:                  # every rank of the node sees this, so all stop
+        sys.exit(f"error: {local_world} processes on this node but {gpus} visible GPU(s); use "
+                 f"torchrun --nproc_per_node={gpus} (or CUDA_VISIBLE_DEVICES= for CPU processes)")
+    dist.init_process_group(backend="nccl" if gpus else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    slow = dist.new_group(backend="gloo", timeout=SLOW_WAIT)
+    if gpus:
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-        # the cores of this machine are shared by its own processes only (multi-node: not by
-        # `world`)
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
-    return dict(ddp=True, rank=rank, local_rank=local_rank, world=world, device=device,
-                master=rank == 0)
+        # the cores of this machine are shared by its own processes only (not by `world`)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    return dict(ddp=True, rank=rank, local_rank=local_rank, local_world=local_world, world=world,
+                device=device, master=rank == 0, slow=slow)
+
+
+def wait_for_all(ctx) -> None:
+    """A barrier for long local work (ctx["slow"], SLOW_WAIT): no rank times out while another
+    prepares data or scores the test split."""
+    if ctx["ddp"]:
+        dist.barrier(group=ctx["slow"])
+
+
+def on_every_rank(ctx, fn, *args):
+    """fn(*args) on this rank. If it stops with a one-line error on any rank (a missing --data on
+    one node, a run folder the master refuses), every rank stops with that message at once, rather
+    than waiting for the one that left until a timeout. Returns fn's result."""
+    try:
+        result, error = fn(*args), None
+    except SystemExit as e:
+        result, error = None, str(e.code)
+    except (ValueError, OSError) as e:                  # data.DataError is a ValueError
+        result, error = None, f"error: {e}"
+    if ctx["ddp"]:
+        errors = [None] * ctx["world"]
+        dist.all_gather_object(errors, error, group=ctx["slow"])
+        error = next((f"{e} (rank {r})" for r, e in enumerate(errors) if e), None)
+    if error:
+        sys.exit(error)
+    return result
+
+
+def make_phantom_once(root: Path, cases: int, seed: int) -> None:
+    """The phantom, made by each node's local rank 0 (node-local disks each need their own; it is
+    deterministic in --split-seed, so all copies are the same). On a shared disk the nodes race:
+    each writes its own temporary folder and renames it into place; a later one removes its copy."""
+    if root.exists() and any(root.iterdir()):
+        raise FileExistsError(f"{root} exists and is not empty; the phantom is only written to "
+                              f"a new folder (or give --data)")
+    print(f"generating the synthetic pelvic-CT phantom ({cases} cases) in {root}/")
+    tmp = root.parent / f".{root.name}.{socket.gethostname()}.{os.getpid()}.tmp"
+    phantom.make_phantom(tmp, cases=cases, seed=seed)
+    try:
+        os.rename(tmp, root)
+    except OSError:                                     # another node was first: same data
+        shutil.rmtree(tmp)
 
 
 def prepare_data(args, ctx):
     """The phantom (generated if --data is not given), the split and the preprocessing cache
-    (Section IV-B): the master does the writing, the other ranks wait for it (data.load_split)."""
+    (Section IV-B). Every node prepares what it needs: its ranks preprocess a share of the cases
+    each into --cache (node-local or shared: writes are atomic), then wait for each other on the
+    slow group. All ranks must see the same data set (case list and split), or all stop."""
     root = Path(args.data) if args.data else Path(args.phantom_dir)
-    if ctx["master"] and args.data is None and not (root / "dataset.json").exists():
-        print(f"generating the synthetic pelvic-CT phantom ({args.phantom_cases} cases) in {root}/")
-        phantom.make_phantom(root, cases=args.phantom_cases, seed=args.split_seed)
+    if args.data is None:
+        make = ctx["local_rank"] == 0 and not (root / "dataset.json").exists()
+        on_every_rank(ctx, make_phantom_once if make else lambda *_: None, root, args.phantom_cases,
+                      args.split_seed)
+    wait_for_all(ctx)
+    fold = args.fold if args.folds else None
+    cases, (tr, va, te) = on_every_rank(ctx, data.list_and_split, root, args.channel, args.split,
+                                        args.split_seed, fold, args.folds)
+    seen = [c.name for c in cases], tr, va, te
     if ctx["ddp"]:
-        dist.barrier()
-    cases, preps, (tr, va, te) = data.load_split(root, args.channel, args.cache, args.split,
-                                                 args.split_seed,
-                                                 args.fold if args.folds else None, args.folds,
-                                                 ctx["master"],
-                                                 dist.barrier if ctx["ddp"] else None)
+        views = [None] * ctx["world"]
+        dist.all_gather_object(views, seen, group=ctx["slow"])
+        odd = next((r for r, v in enumerate(views) if v != views[0]), None)
+        on_every_rank(ctx, _refuse_if, odd is not None,
+                      f"error: rank {odd} sees another data set or split than rank 0 in {root} "
+                      f"({len(views[odd or 0][0])} vs {len(views[0][0])} cases); give every node "
+                      f"the same --data")
+    if ctx["master"]:
+        how = f"fold {args.fold} of {args.folds}" if args.folds else args.split
+        print(f"data {root}: {len(cases)} cases, split {how} train {len(tr)} / val {len(va)} / "
+              f"test {len(te)} (split seed {args.split_seed})")
+    share = cases[ctx["local_rank"]::ctx["local_world"]]     # this node's ranks split the work
+    on_every_rank(ctx, data.prepare_cases, share, args.cache, True,
+                  print if ctx["local_rank"] == 0 else None)
+    wait_for_all(ctx)
     ctx["dataset"] = dict(root=str(root.resolve()), cases=[c.name for c in cases], train=tr, val=va,
                           test=te, channel=str(args.channel))
-    return cases, preps, tr, va, te
+    return cases, data.CachedCases(cases, args.cache), tr, va, te
+
+
+def _refuse_if(condition: bool, message: str) -> None:
+    if condition:
+        sys.exit(message)
 
 
 def main(argv=None):
@@ -570,21 +657,18 @@ def main(argv=None):
     # re-seeded identically.
     torch.manual_seed(args.seed + ctx["rank"])
     np.random.seed(args.seed + ctx["rank"])
+    if device.type == "cuda":          # fixed 64x64 patches: cuDNN may pick its fastest kernels
+        torch.backends.cudnn.benchmark = True
     run = Path(args.out)
-    # A bad --data, --channel or --folds is refused here, before the run folder is made: listing the
-    # cases is cheap, and a user who mistyped a path must not find an empty run folder behind.
-    try:
-        if args.data:
-            names = [c.name for c in data.find_cases(args.data, args.channel)]
-            if args.folds:
-                data.split_cases(names, args.split_seed, fold=args.fold, folds=args.folds)
-    except ValueError as e:                              # data.DataError is a ValueError
-        sys.exit(f"error: {e}")
-    open_run_folder(run, args, ctx)
-    try:                                                 # data.DataError is a ValueError
-        cases, preps, tr, va, te = prepare_data(args, ctx)
-    except (ValueError, FileExistsError) as e:
-        sys.exit(f"error: {e}")
+    # A bad --data, --channel or --folds is refused before the run folder is made (listing the cases
+    # is cheap: a user who mistyped a path must not find an empty run folder behind), and on every
+    # rank at once: a path that one node lacks stops all nodes, quickly.
+    if args.data:
+        fold = args.fold if args.folds else None
+        on_every_rank(ctx, data.list_and_split, args.data, args.channel, args.split,
+                      args.split_seed, fold, args.folds)
+    on_every_rank(ctx, open_run_folder, run, args, ctx)
+    cases, preps, tr, va, te = prepare_data(args, ctx)
     log = metrics.CsvLog(run / "log.csv", args.resume) if master else None
     t_start = time.time()
 
@@ -603,9 +687,11 @@ def main(argv=None):
             model.load_state_dict(M.load_checkpoint(run / "stage1_best.pt", device)["model"])
             score_stage1(model.eval(), preps, te, device, args.stage1_antialias,
                          run / "stage1_test.csv")
+        wait_for_all(ctx)                               # the others wait for the master's scoring
 
-    if args.stage1_from and master:
-        copy_stage1(Path(args.stage1_from), run, ctx["dataset"])
+    if args.stage1_from:
+        src = Path(args.stage1_from)
+        on_every_rank(ctx, lambda: master and copy_stage1(src, run, ctx["dataset"]))
     if args.stage in ("2", "both"):
         # Section III-B: 64x64x3 patches of the 128^3 crop, in training centred on the label
         crops = {n: data.prostate_crop(preps[n]) for n in tr + va}
@@ -636,6 +722,7 @@ def main(argv=None):
         print(f"\nper-case metrics: {run / 'test_metrics.csv'}; total time "
               f"{fmt_time(time.time() - t_start)}")
     if ctx["ddp"]:
+        wait_for_all(ctx)                 # the other ranks wait for the test split, then all leave
         dist.destroy_process_group()
 
 

@@ -24,6 +24,20 @@ csv_write = train.metrics.CsvLog.write
 train.metrics.CsvLog.write = lambda self, rows: (written.append(str(self.path)), csv_write(self, rows))[1]
 train_stage = train.train_stage
 
+# Stand-ins for a slow data set on a real cluster: PROBE_TIMEOUT_S shortens the default process
+# group's timeout (as NCCL's 10 minutes would be against hours of preprocessing), PROBE_SLOW_PREP_S
+# makes every preprocessed case take that much longer.
+if os.environ.get("PROBE_TIMEOUT_S"):
+    import datetime
+    import torch.distributed as dist
+    init = dist.init_process_group
+    seconds = float(os.environ["PROBE_TIMEOUT_S"])
+    train.dist.init_process_group = lambda *a, **k: init(*a, timeout=datetime.timedelta(seconds=seconds), **k)
+if os.environ.get("PROBE_SLOW_PREP_S"):
+    import time
+    preprocess = data.preprocess
+    data.preprocess = lambda *a, **k: (time.sleep(float(os.environ["PROBE_SLOW_PREP_S"])), preprocess(*a, **k))[1]
+
 
 def recording_train_stage(*a, **k):
     model = train_stage(*a, **k)

@@ -57,7 +57,7 @@ def test_ddp_two_ranks(phantom, tmp_path):
                         "tests/ddp_probe.py", "--data", str(root), "--cache", str(cache), "--out", str(out),
                         "--stage", "2", "--epochs2", "2", "--patches", "24", "--augment", "spatial", "--no-test",
                         *TINY],
-                       cwd=ROOT, env=dict(os.environ, PROBE_DIR=str(probe), OMP_NUM_THREADS="1"),
+                       cwd=ROOT, env=dict(os.environ, PROBE_DIR=str(probe), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""),
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     r0, r1 = (json.loads((probe / f"rank{i}.json").read_text()) for i in (0, 1))
