@@ -64,7 +64,8 @@ def parse_ablation_args(argv=None):
                    help="data set folder (default: a 20-case phantom generated into --phantom-dir)")
     p.add_argument("--channel", default="0",
                    help="channel of 4-D images, by index or name (e.g. T2)")
-    p.add_argument("--study", default="rows", choices=["rows", "sensitivity"])
+    p.add_argument("--study", default="rows", choices=["rows", "sensitivity", "embedding"],
+                   help="embedding: Section I's claim measured on the rows study's runs")
     p.add_argument("--rows", default=",".join(ABLATION_ROWS),
                    help="Table II rows, comma-separated; UNet first")
     p.add_argument("--seeds", type=int, help="seeds per row (default 3; 1 with cross-validation)")
@@ -124,7 +125,8 @@ def run_once(run_dir: Path, argv: list[str]):
     if done.exists():
         return json.loads(done.read_text())["wall_s"]
     t0 = time.time()
-    train_main(argv + ["--out", str(run_dir)] + (["--resume"] if any(run_dir.glob("stage*_last.pt")) else []))
+    resume = ["--resume"] if any(run_dir.glob("stage*_last.pt")) else []
+    train_main(argv + ["--out", str(run_dir)] + resume)
     wall = time.time() - t0
     # "done" marker
     data.atomic_write_text(done, json.dumps(dict(wall_s=wall, argv=argv), indent=1))
@@ -178,7 +180,7 @@ def ablation_main(argv=None):
     seeds. Because finished runs are skipped, running the same command again rewrites the tables
     byte for byte from the kept runs."""
     a = parse_ablation_args(argv)
-    if "RANK" in os.environ:               # under torchrun every rank would run and write everything
+    if "RANK" in os.environ:          # under torchrun every rank would run and write everything
         sys.exit("error: ablation.py runs its rows one after another in one process; start it with "
                  "python, not torchrun (each run can use the GPU it is given)")
     root = Path(a.data) if a.data else Path(a.phantom_dir or f"phantom-{a.preset}")
@@ -197,7 +199,8 @@ def ablation_main(argv=None):
         sys.exit(f"error: cannot write into {e.filename or folder}: {e.strerror}; give a writable "
                  f"--results and --runs")
     # names of run folders and tables; a preset other than the default one gets its own, never mixed
-    dataset = (root.resolve().name if a.data else "phantom") + ("" if a.preset == "ablation" else f"_{a.preset}")
+    dataset = ((root.resolve().name if a.data else "phantom")
+               + ("" if a.preset == "ablation" else f"_{a.preset}"))
     if not a.data and not (root / "dataset.json").exists():
         print(f"generating the {PRESETS[a.preset]['phantom_cases']}-case phantom in {root}/")
         phantom.make_phantom(root, cases=PRESETS[a.preset]["phantom_cases"], seed=0)
@@ -208,6 +211,8 @@ def ablation_main(argv=None):
     folds = a.folds or (len(names) if len(names) < 10 else None)
     # sensitivity: 9 runs, 1 seed
     seeds = list(range(a.seeds or (1 if folds or a.study == "sensitivity" else 3)))
+    if a.study == "embedding":
+        return embedding_study(a, root, dataset, seeds if not folds else [0], folds)
     jobs = ablation_jobs(a)
     t_start = time.time()
     case_rows, curves, wall = run_ablation_grid(a, root, dataset, names, jobs, seeds, folds)
@@ -359,6 +364,131 @@ def ablation_report(a, dataset, jobs, rows, seeds, folds, n_cases, wall) -> str:
           f"curves (per-step cross-entropy, per-epoch validation DSC): "
           f"`{'ablation' if a.study == 'rows' else 'sensitivity'}_{dataset}_convergence.csv`.", ""]
     return "\n".join(L)
+
+
+# ------------------------------------------------------------------------ the embedding space
+# Section I: the metric module makes the voxel features "form a discriminate embedding space". The
+# rows study's runs measured on their own test cases: conv6d features (L2-normalised, as Eq. 2 sees
+# them) of up to 16 prostate slices of the ground-truth-centred crop, whole slices as at test time.
+
+def voxel_features(net, prep, max_slices: int = 16):
+    """(features (V, d), prostate (V,), contour (V,), within 3 voxels of the contour (V,)) for the
+    voxels of up to max_slices evenly spaced prostate slices; the contour is the contour sampler's
+    (mask minus its 3x3 erosion, slice by slice)."""
+    import torch.nn.functional as F
+    from scipy import ndimage
+    crop, lab = data.prostate_crop(prep)
+    zs = np.flatnonzero(lab.any((0, 1)))
+    k = min(max_slices, len(zs))                      # evenly spaced, the end slices left out
+    zs = zs[np.linspace(0, len(zs) - 1, k + 2)[1:-1].round().astype(int)]
+    with torch.no_grad():
+        f = F.normalize(net.features(torch.from_numpy(data.slices_25d(crop, 3)[zs])), dim=1)
+    y = lab[:, :, zs].transpose(2, 0, 1) > 0                               # (Z, X, Y) like f
+    contour = y & ~ndimage.binary_erosion(y, np.ones((1, 3, 3)), border_value=1)
+    near = np.stack([ndimage.distance_transform_edt(~c) <= 3 for c in contour])
+    flat = lambda m: torch.from_numpy(m.reshape(-1))
+    return f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]), flat(y), flat(contour), flat(near)
+
+
+def embedding_measures(run_dir: Path, preps, seed: int, n: int = 2000) -> dict:
+    """{test case: measures} of one run: the share of random triplets that violate Eq. 2's margin
+    (anchors from the prostate, and from the contour only), and the Fisher ratio of prostate against
+    background features (all voxels, and within 3 voxels of the contour). n voxels per set, drawn
+    with replacement from a generator seeded by `seed`, so the measurement repeats exactly."""
+    ck = M.load_checkpoint(run_dir / "stage2_best.pt")
+    net = M.build_model(ck["args"]["config"], width=ck["args"]["width"])
+    net.load_state_dict(ck["model"])
+    net.eval()
+    sigma, out = ck["args"]["sigma"], {}
+    for name in ck["dataset"]["test"]:
+        f, y, contour, near = voxel_features(net, preps[name])
+        g = torch.Generator().manual_seed(seed)
+        pick = lambda m: f[m.nonzero()[:, 0][torch.randint(int(m.sum()), (n,), generator=g)]]
+        out[name] = dict(
+            violations=M.margin_violations(pick(y), pick(y), pick(~y), sigma),
+            violations_contour=M.margin_violations(pick(contour), pick(y), pick(~y), sigma),
+            fisher=M.fisher_ratio(pick(y), pick(~y)),
+            fisher_near=M.fisher_ratio(pick(y & near), pick(~y & near)))
+    return out
+
+
+EMBEDDING = ("violations", "violations_contour", "fisher", "fisher_near")
+
+
+def embedding_study(a, root, dataset, seeds, folds):
+    """`python ablation.py --study embedding`: the measures of every (row, seed or fold, test
+    case), UNet against each metric row (paired: same case, same seed), and their correlation with
+    the run's DSC and ASD -> results/embedding_<data set>.md and _cases.csv; a PCA picture of one
+    held-out slice, UNet beside the last row. Needs the rows study's runs (it trains nothing)."""
+    from scipy import stats
+    import figures
+    rows = [r.strip() for r in a.rows.split(",") if r.strip()]
+    cases = data.find_cases(root, a.channel)
+    preps, runs, table = data.CachedCases(cases, a.cache), Path(a.runs) / dataset, []
+    for fold in (range(folds) if folds else [None]):
+        for seed in seeds:
+            tag = (f"f{fold}-" if folds else "") + f"s{seed}"
+            for label in rows:
+                run_dir = runs / f"{M.get_config(label).name}-{tag}"
+                if not (run_dir / "ablation_job.json").exists():
+                    sys.exit(f"error: {run_dir} is not a finished run; run the rows study first "
+                             f"(the same command without --study)")
+                scores = {r["case"]: r for r in csv.DictReader(open(run_dir / "test_metrics.csv"))}
+                for case, m in embedding_measures(run_dir, preps, seed).items():
+                    table.append(dict(row=label, seed=seed, fold="" if fold is None else fold,
+                                      case=case, **m, DSC=float(scores[case]["DSC"]),
+                                      ASD=float(scores[case]["ASD"])))
+    out = Path(a.results)
+    metrics.write_csv(out / f"embedding_{dataset}_cases.csv", table)
+    by = {lab: [r for r in table if r["row"] == lab] for lab in rows}
+    cmd = ("python ablation.py --study embedding" + (f" --data {a.data}" if a.data else "")
+           + (f" --seeds {a.seeds}" if a.seeds else ""))
+    L = [f"# The embedding space (Section I) on {dataset}", "",
+         f"Generated by `{cmd}` from the rows study's runs; n = {len(by[rows[0]])} test cases x "
+         f"seeds per row. Measures of 2,000 seeded voxels per set: triplets violating Eq. 2's "
+         f"margin (all prostate anchors, contour anchors), Fisher ratio prostate vs background "
+         f"(all voxels, within 3 voxels of the contour).", "",
+         "| method | violations | violations, contour anchors | Fisher | Fisher near contour "
+         "| DSC |", "|---|---|---|---|---|---|"]
+    ms = lambda v: f"{np.mean(v):.3f} ± {np.std(v, ddof=1) if len(v) > 1 else 0:.3f}"
+    for lab in rows:
+        L.append(f"| {M.row_name(lab)} | " + " | ".join(ms([r[k] for r in by[lab]])
+                                                         for k in EMBEDDING + ("DSC",)) + " |")
+    L += ["", f"Paired against {M.row_name(rows[0])} (same case, same seed): mean difference (p, "
+              f"two-sided paired t-test)", "", "| method | " + " | ".join(EMBEDDING) + " |",
+          "|---" * (len(EMBEDDING) + 1) + "|"]
+    for lab in rows[1:]:
+        cells = []
+        for k in EMBEDDING:
+            x, y = np.array([r[k] for r in by[lab]]), np.array([r[k] for r in by[rows[0]]])
+            p = stats.ttest_rel(x, y).pvalue if len(x) > 1 and np.any(x != y) else 1.0
+            cells.append(f"{np.mean(x - y):+.3f} (p {p:.2g})")
+        L.append(f"| {M.row_name(lab)} | " + " | ".join(cells) + " |")
+    L += ["", "Pearson correlation over every case of every row:", ""]
+    def pearson(x, y):                                  # undefined when either is constant
+        x, y = np.asarray(x, float), np.asarray(y, float)
+        return "undefined" if x.std() == 0 or y.std() == 0 else f"{np.corrcoef(x, y)[0, 1]:+.2f}"
+    for k in EMBEDDING:
+        v = [r[k] for r in table]
+        L.append(f"- {k}: r = {pearson(v, [r['DSC'] for r in table])} with DSC, "
+                 f"{pearson(v, [r['ASD'] for r in table])} with ASD")
+    data.atomic_write_text(out / f"embedding_{dataset}.md", "\n".join(L) + "\n")
+    print("\n".join(L))
+    import importlib.util
+    if importlib.util.find_spec("matplotlib") is None:
+        print("matplotlib is not installed: the PCA picture is left out (pip install matplotlib)")
+        return
+    first = table[0]                                    # a held-out slice: UNet beside the last row
+    tag = (f"f{first['fold']}-" if folds else "") + f"s{first['seed']}"
+    panels = []
+    for label in (rows[0], rows[-1]):
+        ck = M.load_checkpoint(runs / f"{M.get_config(label).name}-{tag}" / "stage2_best.pt")
+        net = M.build_model(ck["args"]["config"], width=ck["args"]["width"])
+        net.load_state_dict(ck["model"])
+        f, y, contour, _ = voxel_features(net.eval(), preps[first["case"]], max_slices=1)
+        panels.append((M.row_name(label), f.numpy(), y.numpy(), contour.numpy()))
+    path = out / f"embedding_{dataset}_pca.png"
+    print(f"wrote {figures.embedding_figure(figures.pyplot(), panels, path, first['case'])}")
 
 
 def ablation_command(a) -> str:

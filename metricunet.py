@@ -15,6 +15,7 @@ Read this file beside Section III of the paper:
                     total_loss                   Eq. 3 (cross-entropy), Eq. 4 (CE + lambda sum_t)
                     Settings, PAPER_DEFAULTS     k, m, sigma, eps, beta, lambda, tau (III-B, IV-B)
     Section IV-D    CONFIGS, get_config          the twelve configurations of Table II
+    Section I       margin_violations, fisher_ratio   the claim of "a discriminate embedding space"
 
 `import metricunet` has no side effects and needs only torch. Every sampler is a standalone function
 that uses nothing else from this file, so it can be copied into coursework alone.
@@ -522,6 +523,29 @@ def total_loss(logits: torch.Tensor, feats: torch.Tensor, labels: torch.Tensor, 
     for L_t in L_metric.values():                                           # Eq. 4
         loss = loss + hp.lam * L_t
     return loss, {"ce": ce, **L_metric}
+
+
+# -------------------------------------------------------------------- seeing the embedding space
+# Section I claims the metric module makes the voxel features "form a discriminate embedding space".
+# Two measures of that claim, on features of held-out voxels (conv6d, L2-normalised as in Eq. 2):
+
+def margin_violations(f_anchor: torch.Tensor, f_positive: torch.Tensor, f_negative: torch.Tensor,
+                      sigma: float = 0.7) -> float:
+    """Share of triplets (rows of three (T, d) feature tensors) that violate Eq. 2's margin,
+    ||a - p||^2 - ||a - n||^2 + sigma > 0: what the triplet term still has to push on. 0 means every
+    negative lies farther from its anchor than the positive does, by at least sigma."""
+    d_ap = (f_anchor - f_positive).pow(2).sum(1)
+    d_an = (f_anchor - f_negative).pow(2).sum(1)
+    return float((d_ap - d_an + sigma > 0).float().mean())
+
+
+def fisher_ratio(f_prostate: torch.Tensor, f_background: torch.Tensor) -> float:
+    """Separation of two feature clouds ((P, d) and (B, d)): the squared distance between their
+    means over the sum of their mean squared spreads around their own means (Fisher's criterion for
+    d-dimensional features). Large: two tight, distant clouds; near 0: overlapping ones."""
+    mu_p, mu_b = f_prostate.mean(0), f_background.mean(0)
+    spread = (f_prostate - mu_p).pow(2).sum(1).mean() + (f_background - mu_b).pow(2).sum(1).mean()
+    return float((mu_p - mu_b).pow(2).sum() / spread.clamp_min(1e-12))
 
 
 def soft_dice_loss(logits: torch.Tensor, labels: torch.Tensor,

@@ -625,26 +625,24 @@ def prepare_data(args, ctx):
         views = [None] * ctx["world"]
         dist.all_gather_object(views, seen, group=ctx["slow"])
         odd = next((r for r, v in enumerate(views) if v != views[0]), None)
-        on_every_rank(ctx, _refuse_if, odd is not None,
-                      f"error: rank {odd} sees another data set or split than rank 0 in {root} "
-                      f"({len(views[odd or 0][0])} vs {len(views[0][0])} cases); give every node "
-                      f"the same --data")
+        if odd is not None:                             # every rank has every view: all stop
+            sys.exit(f"error: rank {odd} sees another data set or split than rank 0 in {root} "
+                     f"({len(views[odd][0])} vs {len(views[0][0])} cases); give every node the "
+                     f"same --data")
     if ctx["master"]:
         how = f"fold {args.fold} of {args.folds}" if args.folds else args.split
         print(f"data {root}: {len(cases)} cases, split {how} train {len(tr)} / val {len(va)} / "
               f"test {len(te)} (split seed {args.split_seed})")
-    share = cases[ctx["local_rank"]::ctx["local_world"]]     # this node's ranks split the work
+    # This node's ranks split the work by local rank: node-local caches are each filled by their
+    # node; with a shared one, ranks of equal local rank on two nodes may write the same file,
+    # atomically, with the same bytes (wasted work, never a half-written file).
+    share = cases[ctx["local_rank"]::ctx["local_world"]]
     on_every_rank(ctx, data.prepare_cases, share, args.cache, True,
                   print if ctx["local_rank"] == 0 else None)
     wait_for_all(ctx)
     ctx["dataset"] = dict(root=str(root.resolve()), cases=[c.name for c in cases], train=tr, val=va,
                           test=te, channel=str(args.channel))
     return cases, data.CachedCases(cases, args.cache), tr, va, te
-
-
-def _refuse_if(condition: bool, message: str) -> None:
-    if condition:
-        sys.exit(message)
 
 
 def main(argv=None):

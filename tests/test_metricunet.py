@@ -287,3 +287,21 @@ def test_hcr_is_table_i_and_fig_4s_configuration():
     lab[:, 4:12, 4:12] = 1
     _, parts = M.total_loss(logits, feats, lab, hcr, generator=torch.Generator().manual_seed(0))
     assert set(parts) == {"ce", "hard", "contour", "random"}          # one L_metric,t per strategy (Eq. 4)
+
+
+def test_margin_violations_against_a_loop():
+    g = torch.Generator().manual_seed(0)
+    a, p, n = (torch.nn.functional.normalize(torch.randn(200, 8, generator=g), dim=1) for _ in range(3))
+    want = sum(1 for i in range(200)
+               if sum((a[i, j] - p[i, j]) ** 2 for j in range(8)) - sum((a[i, j] - n[i, j]) ** 2 for j in range(8))
+               + 0.7 > 0) / 200
+    assert M.margin_violations(a, p, n, 0.7) == pytest.approx(float(want))
+    assert M.margin_violations(a, a, -a, 0.7) == 0.0            # d_ap = 0, d_an = 4 > 0.7: none
+
+
+def test_fisher_ratio_by_hand():
+    # prostate at (0, 0) and (2, 0): mean (1, 0), spread 1; background at (5, 1) and (5, -1): mean (5, 0),
+    # spread 1. Squared distance of the means 16, over 1 + 1: 8.
+    fp = torch.tensor([[0.0, 0.0], [2.0, 0.0]])
+    fb = torch.tensor([[5.0, 1.0], [5.0, -1.0]])
+    assert M.fisher_ratio(fp, fb) == pytest.approx(8.0)

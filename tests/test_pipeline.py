@@ -234,6 +234,15 @@ def test_ablation_runs_resumes_and_shares_stage1(phantom, tmp_path, monkeypatch)
     assert (runs / "R-f1-s0" / "stage2_last.pt").stat().st_mtime_ns == stamp
     text = (tmp_path / "res" / f"ablation_{name}.md").read_text()
     assert "leave-one-out" not in text and "2-fold cross-validation" in text and "MetricUNet-R" in text
+    # Section I's claim measured on those runs: one row per (row, test case), repeatable to the byte
+    ablation.ablation_main(args + ["--study", "embedding", "--results", str(tmp_path / "emb")])
+    with open(tmp_path / "emb" / f"embedding_{name}_cases.csv") as f:
+        emb = list(__import__("csv").DictReader(f))
+    assert len(emb) == 2 * len(data.find_cases(root)) and {r["row"] for r in emb} == {"UNet", "R"}
+    assert all(0 <= float(r["violations"]) <= 1 and float(r["fisher"]) >= 0 for r in emb)
+    first = (tmp_path / "emb" / f"embedding_{name}_cases.csv").read_bytes()
+    ablation.ablation_main(args + ["--study", "embedding", "--results", str(tmp_path / "emb2")])
+    assert (tmp_path / "emb2" / f"embedding_{name}_cases.csv").read_bytes() == first
 
 
 def test_stage1_from_refuses_a_stage1_trained_on_other_cases(phantom, tmp_path):

@@ -493,3 +493,29 @@ def test_ctrl_c_is_one_line(tmp_path):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1 and err.strip().startswith("interrupted:") and "Traceback" not in err
+
+
+def test_fig5_draws_what_the_real_samplers_return(tmp_path):
+    """figures.sampler_tuples are metricunet's own draws (same seed, Table II's order); the picture is
+    a valid PNG drawn from them, and an existing one is never replaced without --overwrite."""
+    import torch
+    import metricunet as M
+    lab = box_mask((64, 64, 1), (20, 16, 0), (44, 40, 1))[..., 0]
+    probs = figures.stand_in_probability(lab)
+    got = figures.sampler_tuples(lab, probs, seed=3)
+    g = torch.Generator().manual_seed(3)
+    want = {"random": M.random_sampler(torch.from_numpy(lab).long()[None], 20, 1, g),
+            "hard": M.focal_hard_negative_sampler(torch.from_numpy(lab).long()[None],
+                                                  torch.from_numpy(probs)[None], 20, 1, 0.1, g),
+            "contour": M.contour_aware_sampler(torch.from_numpy(lab).long()[None], 20, 1, g)}
+    for name in want:
+        assert all(torch.equal(a, b) for a, b in zip(got[name], want[name])), name
+    # the stand-in misses the label somewhere, so Eq. 1 has hard anchors, all inside the prostate
+    anchors = got["hard"][0][0].numpy()
+    assert bool(got["hard"][3].all()) and lab.ravel()[anchors].all()
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "fig5.png"
+    path = figures.samplers_figure(figures.pyplot(), lab * 200.0, lab, probs, got, out, "test")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="exists; pass --overwrite"):
+        figures.samplers_main(["--out", str(out)])
