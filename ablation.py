@@ -478,7 +478,8 @@ def embedding_study(a, root, dataset, seeds, folds):
     if importlib.util.find_spec("matplotlib") is None:
         print("matplotlib is not installed: the PCA picture is left out (pip install matplotlib)")
         return
-    first = table[0]                                    # a held-out slice: UNet beside the last row
+    # the held-out case where UNet does best: the fairest place to compare the two spaces
+    first = max((r for r in table if r["row"] == rows[0]), key=lambda r: r["DSC"])
     tag = (f"f{first['fold']}-" if folds else "") + f"s{first['seed']}"
     panels = []
     for label in (rows[0], rows[-1]):

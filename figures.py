@@ -397,12 +397,12 @@ def pca_2d(f: np.ndarray) -> tuple:
     return (f - mean) @ vt[:2].T, mean, vt[:2]
 
 
-def embedding_figure(plt, panels, path: Path, case: str, n: int = 3000, seed: int = 0) -> Path:
+def embedding_figure(plt, panels, path: Path, case: str, n: int = 1500, seed: int = 0) -> Path:
     """One row per network: left, a seeded sample of one held-out slice's voxel features projected
     on their first two principal axes (background grey, prostate blue, contour voxels orange);
     right, every voxel of the slice coloured by its first principal component. panels: [(title,
     features (V, d), prostate (V,), contour (V,))] of one 128 x 128 slice."""
-    fig, axes = plt.subplots(len(panels), 2, figsize=(8, 3.8 * len(panels)), squeeze=False)
+    fig, axes = plt.subplots(len(panels), 2, figsize=(7, 3.3 * len(panels)), squeeze=False)
     rng = np.random.default_rng(seed)
     for (title, f, y, contour), (ax_pca, ax_map) in zip(panels, axes):
         proj, mean, axes2 = pca_2d(f[rng.choice(len(f), min(n, len(f)), replace=False)])
@@ -411,14 +411,14 @@ def embedding_figure(plt, panels, path: Path, case: str, n: int = 3000, seed: in
                                 (contour, "tab:orange", "contour")):
             pts = every[m][rng.choice(int(m.sum()), min(n // 3, int(m.sum())), replace=False)]
             ax_pca.scatter(pts[:, 0], pts[:, 1], s=3, c=colour, label=name, alpha=0.6)
-        ax_pca.set(title=f"{title}: conv6d features, PCA", xlabel="PC 1", ylabel="PC 2")
+        ax_pca.set(title=f"{title}: PCA of conv6d", xlabel="PC 1", ylabel="PC 2")
         ax_pca.legend(fontsize=7, markerscale=3)
         side = int(round(len(f) ** 0.5))
         lo, hi = np.percentile(every[:, 0], [1, 99])       # a few extreme voxels set no scale
         pc1 = np.rot90(every[:, 0].reshape(side, side), 1)
         ax_map.imshow(pc1, cmap="coolwarm", vmin=lo, vmax=hi)
         ax_map.contour(np.rot90(y.reshape(side, side), 1), levels=[0.5], colors="k", linewidths=0.8)
-        ax_map.set(title=f"{title}: PC 1 of every voxel", xticks=[], yticks=[])
+        ax_map.set(title=f"{title}: PC 1", xticks=[], yticks=[])
     fig.suptitle(f"The embedding space on a held-out slice of {case}", fontsize=10)
     return save_figure(plt, fig, path)
 
