@@ -506,7 +506,5 @@ def ablation_command(a) -> str:
 
 
 if __name__ == "__main__":
-    try:
-        ablation_main(sys.argv[1:])
-    except KeyboardInterrupt:                                   # Ctrl-C: one line, no traceback
-        sys.exit("interrupted: finished runs are kept; the same command continues where it stopped")
+    data.run_command(lambda: ablation_main(sys.argv[1:]),
+                     "finished runs are kept; the same command continues where it stopped")

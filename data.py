@@ -124,6 +124,15 @@ def atomic_write(path, write) -> None:
         raise
 
 
+def run_command(main, interrupted: str) -> None:
+    """Every command's entry point: main's exit code, and Ctrl-C as one line that says what was kept
+    (never a traceback)."""
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(f"interrupted: {interrupted}")
+
+
 def atomic_write_text(path, text: str) -> None:
     """A text file (CSV, JSON, markdown) through atomic_write; newlines as given."""
     def write(tmp):
@@ -883,7 +892,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:                                   # Ctrl-C: one line, no traceback
-        sys.exit("interrupted: the cases cached so far are complete; the same command continues")
+    run_command(main, "the cases cached so far are complete; the same command continues")

@@ -424,7 +424,5 @@ def embedding_figure(plt, panels, path: Path, case: str, n: int = 1500, seed: in
 
 
 if __name__ == "__main__":
-    try:
-        samplers_main(sys.argv[2:]) if sys.argv[1:2] == ["samplers"] else main()
-    except KeyboardInterrupt:                                   # Ctrl-C: one line, no traceback
-        sys.exit("interrupted: the figures written so far are complete")
+    command = main if sys.argv[1:2] != ["samplers"] else lambda: samplers_main(sys.argv[2:])
+    data.run_command(command, "the figures written so far are complete")

@@ -358,8 +358,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:                                   # Ctrl-C: one line, no traceback
-        sys.exit("interrupted: the masks written so far are complete; rerun with "
-                 "--overwrite or another folder for the rest")
+    data.run_command(main, "the masks written so far are complete; rerun with --overwrite or "
+                           "another folder for the rest")

@@ -470,7 +470,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:                                   # Ctrl-C: one line, no traceback
-        sys.exit("interrupted: nothing was written")
+    data.run_command(main, "nothing was written")

@@ -211,7 +211,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:                                   # Ctrl-C: one line, no traceback
-        sys.exit("interrupted: delete the partial phantom folder and run again")
+    data.run_command(main, "delete the partial phantom folder and run again")

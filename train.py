@@ -725,8 +725,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:                                   # Ctrl-C: one line, no traceback
-        sys.exit("interrupted: every checkpoint written is complete; --resume continues "
-                 "from the last finished epoch")
+    data.run_command(main, "every checkpoint written is complete; --resume continues from the "
+                           "last finished epoch")
