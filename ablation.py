@@ -6,6 +6,9 @@ Fig. 7's convergence curves, and the sensitivity study of Fig. 6 (lambda, sigma)
     python ablation.py --study sensitivity              # Fig. 6 and Table V for MetricUNet-R
     python ablation.py --rows UNet,HCP --preset paper   # other rows, the paper's width (a GPU's)
     python figures.py                                   # Fig. 6, Fig. 7, Table III bars as PNGs
+    # against another method (its own script, in its own Python): same folds, same training time
+    python ablation.py --study baseline --data mri --channel T2 --preset cpu-mri
+        --peer peer_monai.py --peer-python ../peerenv/bin/python --minutes 6
 
 Each run is `train.main` with the flags a row needs; results/ gets the tables (markdown), per-case
 CSVs and the Fig. 7 curves. Finished runs are kept in --runs and skipped, so a killed ablation
@@ -64,8 +67,22 @@ def parse_ablation_args(argv=None):
                    help="data set folder (default: a 20-case phantom generated into --phantom-dir)")
     p.add_argument("--channel", default="0",
                    help="channel of 4-D images, by index or name (e.g. T2)")
-    p.add_argument("--study", default="rows", choices=["rows", "sensitivity", "embedding"],
-                   help="embedding: Section I's claim measured on the rows study's runs")
+    p.add_argument("--study", default="rows",
+                   choices=["rows", "sensitivity", "embedding", "baseline"],
+                   help="embedding: Section I's claim measured on the rows study's runs; "
+                   "baseline: train.py against a peer script, leave-one-out, equal time")
+    g = p.add_argument_group("--study baseline")
+    g.add_argument("--peer", metavar="SCRIPT", help="the peer's training script (its --folds K "
+                   "--fold I --minutes M --threads T --out DIR command line)")
+    g.add_argument("--peer-python", default="python",
+                   help="the Python that runs it (its own virtual environment)")
+    g.add_argument("--minutes", type=float, help="the peer's training budget per fold (default: "
+                   "the median training time of this project's folds)")
+    g.add_argument("--flags", default="", help="extra train.py flags for this project's runs, "
+                   "as one argument: --flags='--native-slices --epochs2 16'")
+    g.add_argument("--label", default="", help="name of this project's variant (its run folders)")
+    g.add_argument("--stage1-of", metavar="LABEL", help="reuse the Stage 1 of that variant's folds "
+                   "(only Stage 2 differs; its Stage-1 time counts)")
     p.add_argument("--rows", default=",".join(ABLATION_ROWS),
                    help="Table II rows, comma-separated; UNet first")
     p.add_argument("--seeds", type=int, help="seeds per row (default 3; 1 with cross-validation)")
@@ -213,6 +230,8 @@ def ablation_main(argv=None):
     seeds = list(range(a.seeds or (1 if folds or a.study == "sensitivity" else 3)))
     if a.study == "embedding":
         return embedding_study(a, root, dataset, seeds if not folds else [0], folds)
+    if a.study == "baseline":
+        return baseline_study(a, root, names)
     jobs = ablation_jobs(a)
     t_start = time.time()
     case_rows, curves, wall = run_ablation_grid(a, root, dataset, names, jobs, seeds, folds)
@@ -371,10 +390,11 @@ def ablation_report(a, dataset, jobs, rows, seeds, folds, n_cases, wall) -> str:
 # rows study's runs measured on their own test cases: conv6d features (L2-normalised, as Eq. 2 sees
 # them) of up to 16 prostate slices of the ground-truth-centred crop, whole slices as at test time.
 
-def voxel_features(net, prep, max_slices: int = 16):
+def voxel_features(net, prep, max_slices: int = 16, step: int = 1):
     """(features (V, d), prostate (V,), contour (V,), within 3 voxels of the contour (V,)) for the
-    voxels of up to max_slices evenly spaced prostate slices; the contour is the contour sampler's
-    (mask minus its 3x3 erosion, slice by slice)."""
+    voxels of up to max_slices evenly spaced prostate slices, input slices `step` apart as the run
+    was trained (data.native_slice_step); the contour is the contour sampler's (mask minus its 3x3
+    erosion, slice by slice)."""
     import torch.nn.functional as F
     from scipy import ndimage
     crop, lab = data.prostate_crop(prep)
@@ -382,7 +402,8 @@ def voxel_features(net, prep, max_slices: int = 16):
     k = min(max_slices, len(zs))                      # evenly spaced, the end slices left out
     zs = zs[np.linspace(0, len(zs) - 1, k + 2)[1:-1].round().astype(int)]
     with torch.no_grad():
-        f = F.normalize(net.features(torch.from_numpy(data.slices_25d(crop, 3)[zs])), dim=1)
+        x = data.slices_25d(crop, 3, step=step)[zs]
+        f = F.normalize(net.features(torch.from_numpy(x)), dim=1)
     y = lab[:, :, zs].transpose(2, 0, 1) > 0                               # (Z, X, Y) like f
     contour = y & ~ndimage.binary_erosion(y, np.ones((1, 3, 3)), border_value=1)
     near = np.stack([ndimage.distance_transform_edt(~c) <= 3 for c in contour])
@@ -401,7 +422,8 @@ def embedding_measures(run_dir: Path, preps, seed: int, n: int = 2000) -> dict:
     net.eval()
     sigma, out = ck["args"]["sigma"], {}
     for name in ck["dataset"]["test"]:
-        f, y, contour, near = voxel_features(net, preps[name])
+        step = data.native_slice_step(preps[name], ck["args"].get("native_slices", False))
+        f, y, contour, near = voxel_features(net, preps[name], step=step)
         g = torch.Generator().manual_seed(seed)
         pick = lambda m: f[m.nonzero()[:, 0][torch.randint(int(m.sum()), (n,), generator=g)]]
         out[name] = dict(
@@ -486,10 +508,118 @@ def embedding_study(a, root, dataset, seeds, folds):
         ck = M.load_checkpoint(runs / f"{M.get_config(label).name}-{tag}" / "stage2_best.pt")
         net = M.build_model(ck["args"]["config"], width=ck["args"]["width"])
         net.load_state_dict(ck["model"])
-        f, y, contour, _ = voxel_features(net.eval(), preps[first["case"]], max_slices=1)
+        prep = preps[first["case"]]
+        step = data.native_slice_step(prep, ck["args"].get("native_slices", False))
+        f, y, contour, _ = voxel_features(net.eval(), prep, max_slices=1, step=step)
         panels.append((M.row_name(label), f.numpy(), y.numpy(), contour.numpy()))
     path = out / f"embedding_{dataset}_pca.png"
     print(f"wrote {figures.embedding_figure(figures.pyplot(), panels, path, first['case'])}")
+
+
+# -------------------------------------------------------------------------- against a peer baseline
+# What a user would run instead of this project (e.g. MONAI's 3-D tutorial adapted to the prostate),
+# trained on the same leave-one-out folds for the same wall-clock time, then scored by the same code
+# (metrics.py, on the input's grid): DSC, HD95, ASD, pieces per mask, inference seconds. This
+# project's masks are scored raw and with one piece kept; which of the two its runs would use is
+# decided on the pooled folds (train.one_piece_decision), as nnU-Net decides on its
+# cross-validation.
+
+def score_mask(pred_path, gt_path) -> dict:
+    """One mask against its label, as metrics.py scores it, plus its pieces."""
+    pred, _, _ = metrics.load_mask(pred_path)
+    gt, _, spacing = metrics.load_mask(gt_path)
+    return {**metrics.evaluate(pred, gt, spacing), "pieces": metrics.count_pieces(pred)}
+
+
+def our_fold(a, root, fold: int, folds: int, case) -> list[dict]:
+    """This project's run on one fold (train.py, resumed or reused like every ablation run), then
+    its test case segmented raw and with one piece kept (infer.run, timed), both scored."""
+    import infer
+    run = Path(a.runs) / (a.label or a.preset) / f"fold{fold}"
+    argv = ["--data", str(root), "--channel", a.channel, "--preset", a.preset, "--folds",
+            str(folds), "--fold", str(fold), "--cache", a.cache, "--workers", str(a.workers),
+            "--no-test"]                                  # the test case is segmented below, timed
+    stage1_run = Path(a.runs) / a.stage1_of / f"fold{fold}" if a.stage1_of else run
+    if a.stage1_of:
+        argv += ["--stage", "2", "--stage1-from", str(stage1_run)]
+    run_once(run, argv + a.flags.split())
+    train_s = training_seconds(stage1_run / "log.csv", 1) + training_seconds(run / "log.csv", 2)
+    rows = []
+    for one_piece in (False, True):
+        out = run / ("study_one_piece" if one_piece else "study_raw")
+        t0 = time.time()
+        [mask] = infer.run(run, [(case.name, case.image, case.channel)], out, overwrite=True,
+                           one_piece=one_piece, log=lambda *_: None)
+        rows.append(dict(case=case.name, method=f"{a.label or a.preset}"
+                         + (" + one piece" if one_piece else ""), infer_s=time.time() - t0,
+                         train_s=train_s, **score_mask(mask, case.label)))
+    return rows
+
+
+def peer_fold(a, root, peer_fold_index: int, folds: int, case, minutes: float) -> dict:
+    """The peer on the same test case: its own script, in its own Python, for `minutes` of
+    training; its mask scored by metrics.py. A finished fold (results.csv) is reused."""
+    import subprocess
+    out = Path(a.runs) / "peer" / f"fold{peer_fold_index}"
+    if not (out / "results.csv").is_file():
+        cmd = [a.peer_python, a.peer, "--train-dir", str(root), "--folds", str(folds), "--fold",
+               str(peer_fold_index), "--minutes", f"{minutes:.2f}", "--threads",
+               str(torch.get_num_threads()), "--out", str(out)]
+        print(" ".join(cmd), flush=True)
+        if subprocess.run(cmd).returncode != 0:
+            sys.exit(f"error: the peer failed on fold {peer_fold_index}; see its output above")
+    with open(out / "results.csv") as f:
+        [own] = [r for r in csv.DictReader(f) if r["case"] == case.name]
+    return dict(case=case.name, method="peer", infer_s=float(own["infer_s"]),
+                train_s=float(own["train_s"]),
+                **score_mask(out / f"{case.name}_pred.nii.gz", case.label))
+
+
+def baseline_study(a, root, names):
+    """--study baseline: every leave-one-out fold, this project first (its training time sets the
+    peer's budget unless --minutes), then the peer if --peer is given; one table in --results."""
+    import train
+    if a.peer and not Path(a.peer).is_file():
+        sys.exit(f"error: --peer {a.peer}: no such script")
+    cases = {c.name: c for c in data.find_cases(root, a.channel)}
+    folds = len(names)                # leave-one-out: the peer's interleaved folds are the same
+    ours = []
+    for fold in range(folds):
+        [test] = data.split_cases(names, 0, fold=fold, folds=folds)[2]
+        ours += our_fold(a, root, fold, folds, cases[test])
+    minutes = a.minutes or float(np.median([r["train_s"] for r in ours])) / 60
+    peer = [peer_fold(a, root, sorted(names).index(n), folds, cases[n], minutes)
+            for n in sorted(names)] if a.peer else []
+    rows = ours + peer
+    raw = [r for r in ours if "one piece" not in r["method"]]
+    one = [r for r in ours if "one piece" in r["method"]]
+    keep = train.one_piece_decision([dict(dsc_raw=r["DSC"], dsc_one_piece=b["DSC"])
+                                     for r, b in zip(raw, one)])
+    label = a.label or a.preset
+    stem = f"baseline_{root.resolve().name}_{label}"
+    out = Path(a.results)
+    metrics.write_csv(out / f"{stem}_cases.csv", rows)
+    digits = dict(DSC=3, HD95=1, ASD=2, pieces=1, infer_s=1)
+    ms = lambda v, k: f"{np.mean(v):.{digits[k]}f} ± {np.std(v, ddof=1):.{digits[k]}f}"
+    L = [f"# This project against the peer on {root.resolve().name}, leave-one-out", "",
+         f"Generated by `python ablation.py --study baseline --data {root.resolve().name} "
+         f"--channel {a.channel}"
+         f" --preset {a.preset}" + (f" --flags='{a.flags}'" if a.flags else "")
+         + (f" --label {a.label}" if a.label else "")
+         + (f" --stage1-of {a.stage1_of}" if a.stage1_of else "")
+         + (f" --peer PEER_SCRIPT --minutes {minutes:.2f}" if a.peer else "")
+         + f"`; {folds} folds, each case tested once; every mask scored by metrics.py on the "
+         f"input's grid.", "",
+         "| method | DSC | HD95 mm | ASD mm | pieces | inference s | training min |",
+         "|---|---|---|---|---|---|---|"]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        rs = [r for r in rows if r["method"] == method]
+        L.append(f"| {method} | " + " | ".join(ms([r[k] for r in rs], k) for k in digits)
+                 + f" | {np.mean([r['train_s'] for r in rs]) / 60:.1f} |")
+    L += ["", f"Post-processing decided on the pooled folds (keep the piece at the prostate centre "
+              f"when the mean DSC does not drop): {'one piece' if keep else 'raw masks'}.", ""]
+    data.atomic_write_text(out / f"{stem}.md", "\n".join(L) + "\n")
+    print("\n".join(L))
 
 
 def ablation_command(a) -> str:

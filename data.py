@@ -374,14 +374,42 @@ def resample_label(label: np.ndarray, spacing, new_spacing: float = SPACING_MM) 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
     """The largest 6-connected component of a mask (the body for body_box; the prostate for
-    infer.py's Stage-1 centre and its optional --largest-component). An empty mask is returned as it
-    is."""
+    infer.py's Stage-1 centre). An empty mask is returned as it is."""
     lab, n = ndimage.label(mask)
     if n == 0:
         return mask
     sizes = np.bincount(lab.ravel())
     sizes[0] = 0
     return lab == sizes.argmax()
+
+
+def pieces(mask: np.ndarray) -> int:
+    """How many disconnected pieces a mask has: its 26-connected components (voxels that touch at a
+    face, an edge or a corner are one piece), as a reader of the mask would count them."""
+    return int(ndimage.label(mask, np.ones((3, 3, 3)))[1])
+
+
+def largest_piece(mask: np.ndarray) -> np.ndarray:
+    """The largest 26-connected piece of a mask (as pieces() counts); fewer than two: as it is."""
+    comp, n = ndimage.label(mask, np.ones((3, 3, 3)))
+    if n < 2:
+        return mask
+    sizes = np.bincount(comp.ravel())
+    sizes[0] = 0
+    return comp == sizes.argmax()
+
+
+def central_piece(mask: np.ndarray, point) -> np.ndarray:
+    """The piece (26-connected, as pieces() counts) of a mask nearest to a point in voxels: the one
+    that holds it, or else the one whose nearest voxel is closest. A mask of fewer than two pieces is
+    returned as it is."""
+    comp, n = ndimage.label(mask, np.ones((3, 3, 3)))
+    if n < 2:
+        return mask
+    distance = np.linalg.norm(np.argwhere(comp) - np.asarray(point, float), axis=1)
+    nearest = np.full(n + 1, np.inf)
+    np.minimum.at(nearest, comp[comp > 0], distance)           # both in C order: voxel by voxel
+    return comp == nearest.argmin()
 
 
 def body_box(image: np.ndarray, modality: str):
@@ -736,13 +764,14 @@ class PatchDataset:
     """2.5D training patches (Section III-A for Stage 1, IV-B for Stage 2) from in-memory uint8
     volumes.
 
-    Item i is patch (i mod patches_per_image) of volume (i // patches_per_image): `n_slices`
-    adjacent axial slices as channels (scaled to [0, 1]) and the label of the middle slice. Its
-    position is drawn from a generator seeded by (seed, i), so the training set is a fixed set of
-    patches per image, as in Section IV-B ("we cropped 500 patches from each training image"), the
-    same in every DataLoader worker and after a resume; a DistributedSampler gives each rank
-    different indices and so different patches. Slices past the volume repeat the edge slice;
-    in-plane, volumes smaller than the patch are zero-padded.
+    Item i is patch (i mod patches_per_image) of volume v = i // patches_per_image: `n_slices`
+    axial slices `steps[v]` apart (default 1, adjacent; native_slice_step) as channels (scaled to
+    [0, 1]) and the label of the middle slice. Its position is drawn from a generator seeded by
+    (seed, i), so the training set is a fixed set of patches per image, as in Section IV-B ("we
+    cropped 500 patches from each training image"), the same in every DataLoader worker and after a
+    resume; a DistributedSampler gives each rank different indices and so different patches.
+    Slices past the volume repeat the edge slice; in-plane, volumes smaller than the patch are
+    zero-padded.
 
     Paper is silent on where patches are drawn ("randomly cropped ... in a sliding-window fashion").
     A fraction `fg_fraction` of patches (default 1/3, nnU-Net's foreground oversampling) is centred
@@ -757,7 +786,8 @@ class PatchDataset:
 
     def __init__(self, images, labels, patch: int = 64, n_slices: int = 3,
                  patches_per_image: int = 500,
-                 fg_fraction: float = 1 / 3, seed: int = 0, augment: str = "off"):
+                 fg_fraction: float = 1 / 3, seed: int = 0, augment: str = "off",
+                 steps=None):
         augment = {False: "off", True: "all"}.get(augment, augment)
         if augment not in ("off", "spatial", "all"):
             raise ValueError(f"augment must be 'off', 'spatial' or 'all', got {augment!r}")
@@ -768,6 +798,7 @@ class PatchDataset:
         self.fg = [np.argwhere(lab > 0) for lab in self.labels]
         self.patch, self.n_slices, self.per_image = patch, n_slices, patches_per_image
         self.fg_fraction, self.seed, self.augment = fg_fraction, seed, augment
+        self.steps = list(steps) if steps is not None else [1] * len(images)   # slices_25d's step
 
     @staticmethod
     def _pad(v, patch):
@@ -796,7 +827,7 @@ class PatchDataset:
         else:
             x0, y0 = rng.integers(0, img.shape[0] - P + 1), rng.integers(0, img.shape[1] - P + 1)
             z = int(rng.integers(0, img.shape[2]))
-        zs = np.clip(np.arange(z - half, z + half + 1), 0, img.shape[2] - 1)
+        zs = np.clip(z + self.steps[v] * np.arange(-half, half + 1), 0, img.shape[2] - 1)
         if self.augment != "off":
             params = draw_augmentation(np.random.default_rng((self.seed, i, epoch, 1)))
             x, y = augment_patch([img[:, :, k] for k in zs], lab[:, :, z],
@@ -827,18 +858,29 @@ class EpochIndexSampler:
         return len(self.sampler)
 
 
-def slices_25d(volume: np.ndarray, n_slices: int, multiple: int = 8):
+def slices_25d(volume: np.ndarray, n_slices: int, multiple: int = 8, step: int = 1):
     """Every axial slice of a whole volume with its neighbours as channels, for inference without
     patch voting (Section IV-B): (Z, n_slices, X', Y') float32 in [0, 1], X and Y zero-padded to a
-    multiple of 8."""
+    multiple of 8. The neighbours lie `step` slices apart (native_slice_step), the edge slice
+    repeated past the volume, as in PatchDataset."""
     half = n_slices // 2
     X, Y, Z = volume.shape
     Xp, Yp = -(-X // multiple) * multiple, -(-Y // multiple) * multiple
     v = np.zeros((Xp, Yp, Z), np.float32)
     v[:X, :Y] = volume
     # (Z, n_slices)
-    idx = np.clip(np.arange(Z)[:, None] + np.arange(-half, half + 1)[None], 0, Z - 1)
+    idx = np.clip(np.arange(Z)[:, None] + step * np.arange(-half, half + 1)[None], 0, Z - 1)
     return v[:, :, idx].transpose(2, 3, 0, 1) / 255.0
+
+
+def native_slice_step(p: Prepared, native: bool) -> int:
+    """How many 1-mm slices apart Stage 2's three input slices lie (train.py --native-slices).
+    Section III-B takes adjacent slices of the 1-mm volume: 1. Paper is silent on scans whose own
+    slices are thicker (its CT has 1-3 mm slices; MRI has 3-4 mm): resampled to 1 mm, three adjacent
+    slices of such a scan are nearly one interpolated image, 2 mm of through-plane context. With
+    native=True the neighbours lie one of the scan's own slices apart (its slice spacing rounded to
+    whole mm), so the network sees the slices above and below."""
+    return max(1, int(round(p.meta["geometry"]["spacing"][2] / SPACING_MM))) if native else 1
 
 
 def to_original_grid(prob_1mm: np.ndarray, meta: dict, threshold: float | None = 0.5) -> np.ndarray:

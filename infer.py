@@ -1,16 +1,17 @@
 """Segment the prostate in new images with a trained two-stage MetricUNet (Sections III-A, IV-B).
 
-    python infer.py RUN_DIR INPUT OUTPUT_DIR [--save-prob] [--channel T2] [--largest-component]
-    [--png DIR [--gt GT]]
+    python infer.py RUN_DIR INPUT OUTPUT_DIR [--save-prob] [--channel T2]
+    [--one-piece | --no-one-piece] [--png DIR [--gt GT]]
 
 INPUT is a NIfTI file or a folder of them (a Decathlon/nnU-Net root's imagesTr/ is used). For each
 image:
   body crop + 1 mm + [0, 255] (Section IV-B, data.preprocess) -> 1/4 size -> Stage 1 on whole slices
   (Section III-A) -> prostate centre = mean of the femoral-head reference centre and the Stage-1
   centre (Section III-A) -> 128^3 crop at 1 mm -> Stage 2 on whole slices, no patch voting (Section
-  IV-B) -> probability mapped back onto the input's own grid -> OUTPUT_DIR/CASE.nii.gz (uint8 mask,
-  the input's
-     affine and shape); with --save-prob also CASE_prob.nii.gz (float32 heatmap, Fig. 1).
+  IV-B) -> the run's post-processing, if it decided on one (RUN_DIR/postprocessing.json: keep the
+  piece at the prostate centre) -> probability mapped back onto the input's own grid -> OUTPUT_DIR/CASE.nii.gz
+  (uint8 mask, the input's affine and shape); with --save-prob also CASE_prob.nii.gz (float32
+  heatmap, Fig. 1).
 With --png DIR, a picture per case: axial slices through the prostate with the prediction's contour
 (red), the ground truth's when --gt is given (green, as in Fig. 8), and the heatmap (Fig. 1). It
 never writes inside an input data folder and never replaces an existing file unless --overwrite is
@@ -62,12 +63,12 @@ def load_models(run_dir, device):
 
 
 @torch.inference_mode()
-def predict_volume(model, volume_u8, n_slices, device, chunk=8, amp=False):
+def predict_volume(model, volume_u8, n_slices, device, chunk=8, amp=False, step=1):
     """Whole-slice inference without patch voting (Section IV-B): prostate probability, same shape.
     Under inference_mode (no autograd bookkeeping at all, a little faster than no_grad). A model
     stored channels-last (load_models) gets its input in the same layout, so no convolution converts
     it."""
-    x = data.slices_25d(volume_u8, n_slices)
+    x = data.slices_25d(volume_u8, n_slices, step=step)
     out = np.empty((x.shape[0],) + x.shape[2:], np.float32)
     first = next(p for p in model.parameters() if p.dim() == 4)
     layout = torch.channels_last if first.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
@@ -105,10 +106,11 @@ def prostate_centre(reference, predicted, shape, log=print, name=""):
     return (np.asarray(shape) - 1) / 2
 
 
-def segment(prep: data.Prepared, stage1, stage2, device, log=print, largest_component=False,
-            stage1_antialias=False):
+def segment(prep: data.Prepared, stage1, stage2, device, log=print, one_piece=False,
+            stage1_antialias=False, native_slices=False):
     """One preprocessed case -> (prostate probability on the 1-mm body crop, centre used).
-    stage1_antialias: down-sample as the run's Stage 1 was trained (train.py --stage1-antialias)."""
+    stage1_antialias and native_slices: the run's inputs as it was trained (train.py
+    --stage1-antialias, --native-slices). one_piece: post-processing (keep_one_piece)."""
     # Section III-A: Stage 1 sees the whole body at 1/4 size, 5 slices at a time, and only has to
     # say where the prostate is; its centre is averaged with the femoral-head reference centre (CT).
     img1, _ = data.stage1_pair(prep, antialias=stage1_antialias)
@@ -119,10 +121,9 @@ def segment(prep: data.Prepared, stage1, stage2, device, log=print, largest_comp
     # The crop is padded past the body's edge, so a centre near the border still gives a full-size
     # input.
     crop, start = data.crop_around(prep.image, centre, data.CROP_SIZE)
-    p2 = predict_volume(stage2, crop, 3, device)
-    if largest_component:                      # optional; the paper uses no post-processing
-        keep = data.largest_component(p2 > 0.5)
-        p2 = np.where(keep | (p2 <= 0.5), p2, 0.0)
+    p2 = predict_volume(stage2, crop, 3, device, step=data.native_slice_step(prep, native_slices))
+    if one_piece:                              # the paper uses no post-processing
+        p2 = keep_one_piece(p2, centre - start, log, prep.name)
     # the crop's probabilities pasted back into the body crop (zero outside), clipped where the crop
     # overhangs
     prob = np.zeros(prep.image.shape, np.float32)
@@ -131,6 +132,43 @@ def segment(prep: data.Prepared, stage1, stage2, device, log=print, largest_comp
     dst = tuple(slice(a.start - s, a.stop - s) for a, s in zip(src, start))
     prob[src] = p2[dst]
     return prob, centre
+
+
+def keep_one_piece(prob: np.ndarray, centre, log=print, name: str = "") -> np.ndarray:
+    """Post-processing (paper is silent): the mask (prob > 0.5) keeps one piece, the one at the
+    prostate centre that Section III-A's crop is centred on (data.central_piece); the probability of
+    every other piece is set to 0, so no resampling brings it back. Says what it removed.
+
+    nnU-Net keeps the largest piece instead; on the MRI folds the largest piece once lay off the
+    gland (DSC 0 against 0.65 for the central one, results/README.md), while the prostate is where
+    Stage 1 put the crop's centre."""
+    mask = prob > 0.5
+    n = data.pieces(mask)
+    if n < 2:
+        return prob
+    keep = data.central_piece(mask, centre)
+    log(f"  {name}: kept the piece at the prostate centre, 1 of {n} pieces: "
+        f"{100 * keep.sum() / mask.sum():.0f} % of the mask")
+    return np.where(keep | ~mask, prob, 0.0).astype(np.float32)
+
+
+# The run's post-processing decision (train.py --postprocess decide: train.decide_postprocessing)
+POSTPROCESSING = "postprocessing.json"
+
+
+def run_postprocessing(run_dir) -> bool:
+    """Whether a run keeps one piece of each mask: its postprocessing.json says, on the
+    evidence of its held-out masks; a run without one (the paper preset, --paper-strict,
+    --postprocess off) gives the raw masks."""
+    import json
+    path = Path(run_dir) / POSTPROCESSING
+    if not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text())["one_piece"] is True
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{path}: not a train.py post-processing decision; delete it (the masks "
+                         f"are then raw) or retrain") from None
 
 
 def output_path(out_dir: Path, case: str, suffix: str = "") -> Path:
@@ -249,12 +287,13 @@ def ground_truth_for(gt, name: str):
     return metrics.nifti_files(gt, "gt").get(name)
 
 
-def run(run_dir, items, out_dir, device=None, save_prob=False, largest_component=False, log=print,
+def run(run_dir, items, out_dir, device=None, save_prob=False, one_piece=None, log=print,
         overwrite=False, png_dir=None, gt=None, input_arg=None):
     """Segment every input into out_dir; items: [(case, image file, channel)] as list_inputs gives.
     Returns the written mask paths. Everything is checked before any work: no output inside an input
     data folder or the ground truth, no two inputs written to one name, no existing file replaced
-    unless overwrite (and never an input)."""
+    unless overwrite (and never an input). one_piece: None follows the run's own decision
+    (run_postprocessing); True or False overrides it."""
     import nibabel as nib
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out_dir = Path(out_dir)
@@ -283,6 +322,11 @@ def run(run_dir, items, out_dir, device=None, save_prob=False, largest_component
                              f"replaced); pass --overwrite to replace them, or choose another "
                              f"output folder")
     stage1, stage2, targs = load_models(run_dir, device)
+    if one_piece is None:
+        one_piece = run_postprocessing(run_dir)
+        if one_piece:
+            log(f"post-processing: {Path(run_dir) / POSTPROCESSING} keeps the piece at the "
+                f"prostate centre of each mask (--no-one-piece for the raw masks)")
     for folder in (out_dir, png_dir):
         if folder is not None:
             try:
@@ -298,10 +342,13 @@ def run(run_dir, items, out_dir, device=None, save_prob=False, largest_component
         label = ground_truth_for(gt, name)
         case = data.Case(name, path, label, channel, "auto")
         prep = data.preprocess(case, need_label=label is not None, log=log)
-        prob, centre = segment(prep, stage1, stage2, device, log, largest_component,
-                               stage1_antialias=bool(targs.get("stage1_antialias", False)))
+        prob, centre = segment(prep, stage1, stage2, device, log, one_piece,
+                               stage1_antialias=bool(targs.get("stage1_antialias", False)),
+                               native_slices=bool(targs.get("native_slices", False)))
         ref = nib.load(str(path))
         mask = data.to_original_grid(prob, prep.meta)
+        if one_piece:            # resampling can cut the kept piece's thin necks: its crumbs go too
+            mask = data.largest_piece(mask).astype(np.uint8)
         try:
             save_like(mask, ref, target, np.uint8)
             if save_prob:
@@ -331,8 +378,9 @@ def main(argv=None):
     p.add_argument("output_dir")
     p.add_argument("--channel", default="0", help="channel of 4-D inputs, by index or name")
     p.add_argument("--save-prob", action="store_true", help="also write the probability heatmap")
-    p.add_argument("--largest-component", action="store_true",
-                   help="keep only the largest connected component")
+    p.add_argument("--one-piece", action=argparse.BooleanOptionalAction,
+                   help="keep one piece of each mask, at the prostate centre (default: as the run "
+                   "decided, see its postprocessing.json; raw masks if it has none)")
     p.add_argument("--png", metavar="DIR",
                    help="per case, a PNG of axial slices: contours (Fig. 8) and heatmap (Fig. 1)")
     p.add_argument("--gt", metavar="FILE_OR_DIR",
@@ -349,7 +397,7 @@ def main(argv=None):
                 f"the CPU")
     try:
         items = list_inputs(Path(args.input), args.channel)
-        run(args.run_dir, items, args.output_dir, device, args.save_prob, args.largest_component,
+        run(args.run_dir, items, args.output_dir, device, args.save_prob, args.one_piece,
             overwrite=args.overwrite, png_dir=args.png, gt=args.gt, input_arg=args.input)
     except (ValueError, FileNotFoundError) as e:      # DataError is a ValueError
         print(f"error: {e}", file=sys.stderr)

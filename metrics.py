@@ -208,7 +208,7 @@ def summarize(rows: list[dict]) -> dict:
     predictions."""
     out = {"cases": len(rows),
            "empty_predictions": sum(1 for r in rows if r.get("empty_prediction"))}
-    for m in METRICS:
+    for m in METRICS + (("pieces",) if rows and all("pieces" in r for r in rows) else ()):
         v = np.array([r[m] for r in rows], dtype=np.float64)
         # aRVD is undefined (NaN) where the ground truth is empty
         v = v[np.isfinite(v)]
@@ -222,7 +222,7 @@ def format_summary(summary: dict, title: str = "") -> str:
     lines = [title] if title else []
     lines.append(f"{'metric':<6} {'mean +- std':>22} {'median':>10}   (n = {summary['cases']}, "
                  f"empty predictions: {summary['empty_predictions']})")
-    for m in METRICS:
+    for m in METRICS + (("pieces",) if "pieces" in summary else ()):
         s = summary[m]
         unit = " mm" if m in ("ASD", "HD95", "HD") else (" %" if m == "aRVD" else "")
         n = f"   (over {s['n']} cases: undefined for the others)" if s.get("n", summary["cases"]) != summary["cases"] else ""
@@ -305,6 +305,13 @@ def load_mask(path: Path):
     return data > 0, img.affine, spacing
 
 
+def count_pieces(mask: np.ndarray) -> int:
+    """Pieces of a predicted mask (data.pieces: 26-connected components), counted inside its
+    bounding box, where every piece lies (one pass over the volume)."""
+    box = bounding_box(mask)
+    return 0 if box is None else data.pieces(mask[tuple(slice(a, b) for a, b in box)])
+
+
 def evaluate_folders(pred_dir, gt_dir, hd95_definition: str = "max", log=print,
                      only=None) -> list[dict]:
     """Score every ground-truth case (or the cases named in `only`) against its prediction."""
@@ -321,7 +328,7 @@ def evaluate_folders(pred_dir, gt_dir, hd95_definition: str = "max", log=print,
             raise ValueError(f"{preds[case]}: prediction and ground truth {differ}; predict on the "
                              f"ground truth's grid (infer.py writes masks on the input's grid)")
         row = {"case": case, **evaluate(p, g, spacing, hd95_definition),
-               "empty_prediction": not p.any()}
+               "pieces": count_pieces(p), "empty_prediction": not p.any()}
         rows.append(row)
         log(f"[{i}/{len(gts)}] {case}: DSC {row['DSC']:.4f}  ASD {row['ASD']:.3f} mm  HD95 "
             f"{row['HD95']:.3f} mm")
@@ -350,7 +357,8 @@ def write_report(rows: list[dict], csv_path: Path, extra: dict | None = None) ->
     """Per-case CSV at csv_path and the summary (mean +- std, median) as JSON beside it."""
     import io
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=["case", *METRICS, "empty_prediction"])
+    fields = ["case", *METRICS, "pieces", "empty_prediction"]
+    w = csv.DictWriter(buf, fieldnames=[f for f in fields if f in rows[0] or f in METRICS])
     w.writeheader()
     for r in rows:
         w.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()})

@@ -56,17 +56,28 @@ import phantom
 PAPER_STRICT = dict(stage1_antialias=False,   # Section III-A: trilinear 1/4 size, no low-pass
                     stage1_loss="ce",         # Eq. 3 in Stage 1 too
                     augment="off",            # Section IV-D: "we avoid ... data augmentation"
-                    hard_negatives=False)     # Section III-B-2 ii) as printed
+                    hard_negatives=False,     # Section III-B-2 ii) as printed
+                    native_slices=False,      # Section III-B: adjacent slices of the 1-mm volume
+                    stage2_loss="ce",         # Eq. 4: cross-entropy and the metric term
+                    postprocess="off")        # the paper reports raw masks
 # Named presets: 'paper' is Section IV-B (paper is silent on epochs: 10 + 20); 'cpu' is the quick
-# start on a 2-core CPU; 'ablation' is ablation.py's (15 Stage-2 runs in an hour). Each line shows
-# every addition its preset turns on: the anti-aliased 1/4 size and the Dice term let Stage 1 find
-# the prostate from its first epoch, spatial augmentation removed most of Stage 2's stray blobs.
+# start on a 2-core CPU; 'cpu-mri' the same for MRI with 3-4 mm slices; 'ablation' is ablation.py's
+# (15 Stage-2 runs in an hour). Each line shows every addition its preset turns on: the anti-aliased
+# 1/4 size and the Dice term let Stage 1 find the prostate from its first epoch, spatial
+# augmentation removed most of Stage 2's stray blobs, keeping the central piece (decided on held-out
+# masks) the rest; on MRI, the scan's own slices as 2.5D neighbours, Dice in Stage 2 and a longer
+# Stage 2 (results/README.md, section 5).
 PRESETS = {
     "paper": dict(width=1.0, stage1_filters=32, batch=30, patches=500, stage1_patches=500,
                   epochs1=10, epochs2=20, phantom_cases=40),
     "cpu": dict(width=0.25, stage1_filters=16, batch=16, patches=200, stage1_patches=200,
                 epochs1=6, epochs2=8, phantom_cases=12,
-                stage1_antialias=True, stage1_loss="dice_ce", augment="spatial"),
+                stage1_antialias=True, stage1_loss="dice_ce", augment="spatial",
+                postprocess="decide"),
+    "cpu-mri": dict(width=0.25, stage1_filters=16, batch=16, patches=200, stage1_patches=200,
+                    epochs1=6, epochs2=20, phantom_cases=12,
+                    stage1_antialias=True, stage1_loss="dice_ce", augment="spatial",
+                    postprocess="decide", native_slices=True, stage2_loss="dice_ce"),
     "ablation": dict(width=0.25, stage1_filters=16, batch=16, patches=40, stage1_patches=100,
                      epochs1=10, epochs2=6, phantom_cases=20,
                      stage1_antialias=True, stage1_loss="dice_ce", augment="spatial"),
@@ -148,6 +159,16 @@ def parse_args(argv=None):
                    help="Stage-2 patch augmentation")
     g.add_argument("--hard-negatives", action=argparse.BooleanOptionalAction,
                    help="focal-hard sampling mines false positives as negatives (other reading)")
+    g.add_argument("--native-slices", action=argparse.BooleanOptionalAction,
+                   help="Stage 2's 2.5D neighbours one of the scan's own slices apart, not 1 mm")
+    g.add_argument("--stage2-loss", choices=["ce", "dice_ce"],
+                   help="Stage 2: Eq. 4, or Eq. 4 + soft Dice")
+    g.add_argument("--postprocess", choices=["off", "decide"],
+                   help="decide: keep one piece of each mask if that does not lower the "
+                   "held-out DSC (validation split, or --postprocess-from); infer.py applies it")
+    g.add_argument("--postprocess-from", nargs="+", metavar="RUN",
+                   help="with --postprocess decide: cross-validation runs (--folds) whose "
+                   "held-out masks decide (for --split all)")
     g.add_argument("--paper-strict", action="store_true",
                    help="every addition off: the paper as printed")
     args = p.parse_args(argv)
@@ -160,6 +181,9 @@ def parse_args(argv=None):
     except ValueError as e:
         p.error(str(e))
     resolve_settings(args, p)
+    if args.postprocess_from and args.postprocess != "decide":
+        p.error("--postprocess-from needs --postprocess decide (--paper-strict and the paper "
+                "preset keep the raw masks)")
     args.out = args.out or f"runs/{args.config.replace('+', 'p')}-{args.preset}"
     return args
 
@@ -207,11 +231,16 @@ def fmt_time(s):
 
 def step_loss(logits, feats, labels, cfg, hp, generator, dice: bool = False):
     """One step's loss: Eq. 4 (Eq. 3 alone for the UNet rows and for Stage 1). dice=True adds a soft
-    Dice term (Stage 1 with --stage1-loss dice_ce; paper is silent on Stage 1's loss)."""
+    Dice term (--stage1-loss / --stage2-loss dice_ce; paper is silent on Stage 1's loss)."""
     loss, parts = M.total_loss(logits.float(), feats, labels, cfg, hp, generator)
     if dice:
         loss = loss + M.soft_dice_loss(logits, labels)
     return loss, parts
+
+
+def adds_dice(stage: int, args) -> bool:
+    """Whether a stage's loss gets step_loss's soft Dice term (--stage1-loss, --stage2-loss)."""
+    return (args.stage1_loss if stage == 1 else args.stage2_loss) == "dice_ce"
 
 
 def train_stage(stage, model, train_set, validate, args, ctx, log):
@@ -220,7 +249,7 @@ def train_stage(stage, model, train_set, validate, args, ctx, log):
     without a validation set (--folds, --split all): the last epoch is kept."""
     device, master = ctx["device"], ctx["master"]
     cfg = M.get_config(args.config if stage == 2 else "UNet")       # Stage 1: Eq. 3 alone
-    hp, dice = metric_settings(args), stage == 1 and args.stage1_loss == "dice_ce"
+    hp, dice = metric_settings(args), adds_dice(stage, args)
     loader, sampler = make_loader(stage, train_set, args, ctx)
     # Section IV-B: "optimized by standard Stochastic Gradient Descent" (momentum: paper is silent)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
@@ -400,11 +429,12 @@ def validate_stage1(model, pairs, device, amp=False):
     return float(np.mean(dscs)), float(np.mean(errs)) if errs else float("nan")
 
 
-def validate_stage2(model, crops, device, amp=False):
-    """Stage-2 validation DSC on the 128^3 crops around the ground-truth centre (Section III-B);
-    Stage 2 has no centre error (NaN)."""
-    dscs = [dice(infer.predict_volume(model, img, 3, device, amp=amp) > 0.5,
-                 lab > 0) for img, lab in crops]
+def validate_stage2(model, crops, steps, device, amp=False):
+    """Stage-2 validation DSC on the 128^3 crops around the ground-truth centre (Section III-B),
+    each crop's 2.5D neighbours `steps` apart (data.native_slice_step); Stage 2 has no centre error
+    (NaN)."""
+    dscs = [dice(infer.predict_volume(model, img, 3, device, amp=amp, step=step) > 0.5,
+                 lab > 0) for (img, lab), step in zip(crops, steps)]
     return float(np.mean(dscs)), float("nan")
 
 
@@ -442,6 +472,86 @@ def score_test_split(run_dir: Path, test_cases, channel, device, title: str, ext
     return summary
 
 
+# ---------------------------------------------------------------------------------- post-processing
+# Paper is silent (it reports raw masks). A few training scans leave stray pieces on the obturator
+# muscles and the bladder wall; nnU-Net decides on its cross-validation whether to keep one piece
+# of each mask, and so does --postprocess decide: on the validation split, or on the held-out masks
+# of --folds runs (--postprocess-from). The piece kept is the one at the prostate centre
+# (infer.keep_one_piece). The decision goes to the run folder; infer.py applies it
+# (infer.run_postprocessing).
+
+def one_piece_decision(evidence: list[dict]) -> bool:
+    """nnU-Net's rule (Isensee et al., Nature Methods 2021): keep one piece when the held-out
+    masks' mean DSC with it is at least their mean DSC without it."""
+    if not evidence:
+        return False
+    return bool(np.mean([r["dsc_one_piece"] for r in evidence])
+                >= np.mean([r["dsc_raw"] for r in evidence]))
+
+
+def held_out_evidence(run: Path, preps, names, device) -> list[dict]:
+    """The finished run on held-out cases (infer.segment, raw): per case the pieces of the mask and
+    the DSC of the raw mask and of its piece at the prostate centre against the label, on the 1-mm
+    grid."""
+    stage1, stage2, targs = infer.load_models(run, device)
+    rows = []
+    for n in names:
+        prob, centre = infer.segment(preps[n], stage1, stage2, device, log=lambda *_: None,
+                                     stage1_antialias=bool(targs.get("stage1_antialias")),
+                                     native_slices=bool(targs.get("native_slices")))
+        raw, lab = prob > 0.5, preps[n].label > 0
+        rows.append(dict(case=n, pieces=data.pieces(raw), dsc_raw=dice(raw, lab),
+                         dsc_one_piece=dice(data.central_piece(raw, centre), lab)))
+    return rows
+
+
+def pooled_evidence(runs) -> list[dict]:
+    """--postprocess-from: the held-out evidence of finished cross-validation runs, pooled; a run
+    without it is a one-line error (checked before training starts)."""
+    rows = []
+    for run in runs:
+        path = Path(run) / infer.POSTPROCESSING
+        try:
+            rows += json.loads(path.read_text())["evidence"]
+        except (OSError, ValueError, KeyError, TypeError):
+            sys.exit(f"error: --postprocess-from {run}: no held-out evidence in {path}; give "
+                     f"finished train.py --folds runs trained with --postprocess decide")
+    return rows
+
+
+def decide_postprocessing(run: Path, args, preps, va, te, device) -> None:
+    """--postprocess decide: gather the evidence (validation split; or the test fold of a --folds
+    run, kept for pooling and not used on itself; or --postprocess-from), apply
+    one_piece_decision, and write it with its evidence to run/postprocessing.json."""
+    decision = None
+    if args.postprocess_from:
+        evidence = pooled_evidence(args.postprocess_from)
+        where = f"{len(evidence)} held-out masks of {len(args.postprocess_from)} runs"
+        decision = one_piece_decision(evidence)
+    elif va:
+        evidence, where = held_out_evidence(run, preps, va, device), "the validation split"
+        decision = one_piece_decision(evidence)
+    elif args.folds:                   # evidence for pooling, never a decision on its own test case
+        evidence = held_out_evidence(run, preps, te, device)
+        where = f"test fold {args.fold} (pool the folds with --postprocess-from to decide)"
+    else:
+        evidence, where = [], "nothing held out (--split all): pass --postprocess-from to decide"
+    result = dict(one_piece=decision, decided_on=where, evidence=evidence,
+                  rule="keep the piece at the prostate centre when the mean held-out DSC does "
+                       "not drop")
+    data.atomic_write_text(run / infer.POSTPROCESSING, json.dumps(result, indent=2))
+    if evidence:
+        raw = np.mean([r["dsc_raw"] for r in evidence])
+        one = np.mean([r["dsc_one_piece"] for r in evidence])
+        pieces = np.mean([r["pieces"] for r in evidence])
+        print(f"post-processing on {where}: {pieces:.1f} pieces per mask; mean DSC raw "
+              f"{raw:.4f}, one piece {one:.4f}"
+              + ("" if decision is None else
+                 f" -> {'keep one piece' if decision else 'raw masks'}"))
+    else:
+        print(f"post-processing: {where}; masks stay raw")
+
+
 # --------------------------------------------------------------------------------------- run folder
 # What a resumed run must share with the run it continues: the networks' shapes, the data, and every
 # setting that decides the training path (so a resumed run ends where the uninterrupted one would).
@@ -449,7 +559,8 @@ RESUME_MUST_MATCH = ("config", "width", "stage1_filters", "data", "channel", "sp
                      "folds", "fold", "batch", "patches", "stage1_patches", "epochs1", "epochs2",
                      "lr", "momentum", "weight_decay", "seed", "k", "m", "sigma", "eps", "beta",
                      "lam", "tau", "no_normalize", "fg_fraction", "stage1_antialias",
-                     "stage1_loss", "augment", "hard_negatives")
+                     "stage1_loss", "augment", "hard_negatives", "native_slices",
+                     "stage2_loss")
 
 
 def save_checkpoint(obj: dict, path) -> None:
@@ -665,6 +776,8 @@ def main(argv=None):
         fold = args.fold if args.folds else None
         on_every_rank(ctx, data.list_and_split, args.data, args.channel, args.split,
                       args.split_seed, fold, args.folds)
+    if args.postprocess_from:                     # before training, not after it
+        pooled_evidence(args.postprocess_from)
     on_every_rank(ctx, open_run_folder, run, args, ctx)
     cases, preps, tr, va, te = prepare_data(args, ctx)
     log = metrics.CsvLog(run / "log.csv", args.resume) if master else None
@@ -693,17 +806,19 @@ def main(argv=None):
     if args.stage in ("2", "both"):
         # Section III-B: 64x64x3 patches of the 128^3 crop, in training centred on the label
         crops = {n: data.prostate_crop(preps[n]) for n in tr + va}
+        steps = {n: data.native_slice_step(preps[n], args.native_slices) for n in tr + va}
         train_set = data.PatchDataset([crops[n][0] for n in tr], [crops[n][1] for n in tr],
                                       patch=64, n_slices=3, patches_per_image=args.patches,
                                       fg_fraction=args.fg_fraction, seed=args.seed,
-                                      augment=args.augment)
+                                      augment=args.augment, steps=[steps[n] for n in tr])
         torch.manual_seed(args.seed)
         model = M.build_model(args.config, in_channels=3, width=args.width).to(device)
         if master:
             n_params = M.count_parameters(model) / 1e6
             print(f"stage 2: {M.row_name(args.config)}, {n_params:.3f} M parameters")
-        val_crops = [crops[n] for n in va]
-        validate = (lambda m: validate_stage2(m, val_crops, device, args.amp)) if va else None
+        val_crops, val_steps = [crops[n] for n in va], [steps[n] for n in va]
+        validate = (lambda m: validate_stage2(m, val_crops, val_steps, device, args.amp)) if va \
+            else None
         train_stage(2, model, train_set, validate, args, ctx, log)
 
     if master:
@@ -712,6 +827,8 @@ def main(argv=None):
     if master and args.stage != "1" and not has_stage1 and not args.no_test and te:
         print(f"no Stage 1 in {run} (train it with --stage 1 or both, or pass --stage1-from): the "
               f"test split is not segmented")
+    if master and args.stage != "1" and has_stage1 and args.postprocess == "decide":
+        decide_postprocessing(run, args, preps, va, te, device)
     if master and args.stage != "1" and has_stage1 and not args.no_test and te:
         # the test split through infer.py and metrics.py, exactly as a user would run them
         score_test_split(run, [c for c in cases if c.name in te], args.channel, device,

@@ -114,8 +114,8 @@ def test_training_beats_an_untrained_network(phantom, trained_run):
     torch.manual_seed(0)
     untrained = M.build_model("HCP", width=0.125)
     dev = torch.device("cpu")
-    d_trained = train.validate_stage2(trained.eval(), crops, dev, False)[0]
-    d_untrained = train.validate_stage2(untrained.eval(), crops, dev, False)[0]
+    d_trained = train.validate_stage2(trained.eval(), crops, [1] * len(crops), dev)[0]
+    d_untrained = train.validate_stage2(untrained.eval(), crops, [1] * len(crops), dev)[0]
     assert d_trained > d_untrained + 0.4, (d_trained, d_untrained)
 
 
@@ -308,3 +308,79 @@ def test_stage2_without_a_stage1_says_why_the_test_split_is_skipped(phantom, tmp
     train.main(["--data", str(root), "--cache", str(cache), "--out", str(tmp_path / "s2"), "--stage", "2",
                 "--epochs2", "1", "--patches", "8", *TINY])
     assert "no Stage 1 in" in capsys.readouterr().out
+
+
+FAKE_PEER = '''
+import argparse, csv, os, sys
+import nibabel as nib, numpy as np
+p = argparse.ArgumentParser()
+for f in ("--train-dir", "--folds", "--fold", "--minutes", "--threads", "--out"):
+    p.add_argument(f)
+a = p.parse_args()
+cases = sorted(n[:-7] for n in os.listdir(os.path.join(a.train_dir, "labelsTr")))
+name = cases[int(a.fold)::int(a.folds)][0]          # interleaved folds over the sorted cases
+lab = nib.load(os.path.join(a.train_dir, "labelsTr", name + ".nii.gz"))
+os.makedirs(a.out, exist_ok=True)
+pred = (np.asarray(lab.dataobj) > 0).astype(np.uint8)
+pred[0, 0, 0] = 1                                   # one stray voxel: a second piece
+nib.save(nib.Nifti1Image(pred, lab.affine), os.path.join(a.out, name + "_pred.nii.gz"))
+with open(os.path.join(a.out, "results.csv"), "w") as f:
+    f.write("case,infer_s,train_s\\n%s,1.5,%s\\n" % (name, float(a.minutes) * 60))
+'''
+
+
+def test_baseline_study_scores_both_on_the_same_folds(phantom, tmp_path):
+    """ablation.py --study baseline with a stand-in peer that returns the label plus one stray
+    voxel: each case is tested once by both, the peer gets this project's median training time,
+    and both are scored by metrics.py (the peer's DSC is 2|G| / (2|G| + 1), two pieces)."""
+    root, cache = phantom
+    peer = tmp_path / "peer.py"
+    peer.write_text(FAKE_PEER)
+    flags = "--epochs1 1 --epochs2 1 --stage1-patches 16 --patches 16 --width 0.125 " \
+            "--stage1-filters 8 --batch 8 --log-every 50"
+    ablation.ablation_main(["--study", "baseline", "--data", str(root), "--preset", "cpu",
+                            "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "res"),
+                            "--cache", str(cache), "--workers", "0", "--flags", flags,
+                            "--peer", str(peer), "--peer-python", sys.executable])
+    import csv
+    rows = list(csv.DictReader(open(tmp_path / "res" / f"baseline_{root.name}_cpu_cases.csv")))
+    names = sorted(c.name for c in data.find_cases(root))
+    by = {m: sorted(r["case"] for r in rows if r["method"] == m) for m in
+          ("cpu", "cpu + one piece", "peer")}
+    assert by["cpu"] == by["cpu + one piece"] == by["peer"] == names
+    ours = [float(r["train_s"]) for r in rows if r["method"] == "cpu"]
+    for r in (r for r in rows if r["method"] == "peer"):
+        gt = nib.load(str(root / "labelsTr" / f"{r['case']}.nii.gz")).get_fdata() > 0
+        assert float(r["DSC"]) == pytest.approx(2 * gt.sum() / (2 * gt.sum() + 1))
+        assert int(r["pieces"]) == 2
+        assert float(r["train_s"]) == pytest.approx(np.median(ours), abs=0.01 * 60)
+    for r in (r for r in rows if r["method"] == "cpu + one piece"):
+        assert int(r["pieces"]) <= 1
+    table = (tmp_path / "res" / f"baseline_{root.name}_cpu.md").read_text()
+    assert "| peer |" in table and "Post-processing decided on the pooled folds" in table
+
+
+def test_a_run_decides_its_postprocessing_on_validation_and_infer_follows_it(phantom, tmp_path):
+    """--postprocess decide on a 70/10/20 run: postprocessing.json holds the validation case's
+    evidence and the rule's decision; infer.py applies it by default (and says so), and
+    --no-one-piece gives the raw mask, of which the default one is a subset."""
+    import shutil
+    root, cache = phantom
+    run = tmp_path / "run"
+    train.main(["--data", str(root), "--cache", str(cache), "--out", str(run), "--preset", "cpu",
+                "--epochs1", "1", "--epochs2", "1", "--stage1-patches", "16", "--patches", "32",
+                "--no-test", *TINY])
+    got = json.loads((run / infer.POSTPROCESSING).read_text())
+    [ev] = got["evidence"]
+    assert got["decided_on"] == "the validation split"
+    assert ev["case"] == torch.load(run / "stage2_best.pt", weights_only=True)["dataset"]["val"][0]
+    assert got["one_piece"] == (ev["dsc_one_piece"] >= ev["dsc_raw"])
+    # the decision file says keep: infer.py follows it; a flag overrides it
+    (run / infer.POSTPROCESSING).write_text(json.dumps(dict(got, one_piece=True)))
+    item = [("phantom_001", root / "imagesTr" / "phantom_001.nii.gz", 0)]
+    said = []
+    [kept] = infer.run(run, item, tmp_path / "kept", log=said.append)
+    [raw] = infer.run(run, item, tmp_path / "raw", one_piece=False, log=lambda *a: None)
+    assert any("keeps the piece at the" in s for s in said)
+    k, r = (np.asarray(nib.load(str(p)).dataobj) > 0 for p in (kept, raw))
+    assert not (k & ~r).any() and data.pieces(k) <= max(data.pieces(r), 1)

@@ -1,4 +1,4 @@
-"""Issue 10's additions where the paper is silent, against independent computation: the anti-aliased 1/4
+"""The additions for small data where the paper is silent, against independent computation: the anti-aliased 1/4
 down-sampling (constant, checkerboard, grid alignment), patch augmentation that keeps image and label aligned
 (an analytically transformed ellipse), and --paper-strict giving exactly Eq. 3 / Eq. 4 with no augmentation."""
 import math
@@ -171,3 +171,155 @@ def test_hard_negatives_are_the_networks_false_positives():
     a0, _, n0, v0 = M.focal_hard_negative_sampler(lab, probs, k=60, m=2, tau=0.1,
                                                   generator=torch.Generator().manual_seed(0))
     assert v0[:, 0].tolist() == [True, False, False] and not fp[0, n0[0].numpy()].all()
+
+
+# ------------------------------------------------------------------ --native-slices (Section III-B's 2.5D input)
+
+def test_native_neighbours_are_the_scans_own_slices():
+    """A scan with 3-mm slices whose slice k holds the value 10 k + 5: resampled to 1 mm, 1-mm slice
+    3 k is its slice k, and with --native-slices the three input channels there are slices k - 1,
+    k, k + 1 of the scan (values read off the construction, not the code); adjacent 1-mm slices are
+    interpolations between two scan slices."""
+    scan = np.broadcast_to((10 * np.arange(7) + 5).astype(np.float32), (6, 5, 7)).copy()
+    vol = data.resample_to(scan, (1.0, 1.0, 3.0))
+    assert vol.shape[2] == 19                                     # (7 - 1) * 3 + 1 slices
+    prep = data.Prepared("c", vol.astype(np.uint8), None, {"geometry": {"spacing": (1.0, 1.0, 3.0)}})
+    step = data.native_slice_step(prep, True)
+    assert step == 3 and data.native_slice_step(prep, False) == 1
+    x = data.slices_25d(prep.image, 3, step=step)                  # (Z, 3, X', Y') in [0, 1]
+    k = 3
+    assert np.allclose(x[3 * k, :, 0, 0] * 255, [25, 35, 45])      # scan slices 2, 3, 4
+    x1 = data.slices_25d(prep.image, 3)                            # 1 mm: 2/3 and 1/3 mixes
+    assert np.allclose(x1[3 * k, :, 0, 0] * 255, [25 + 20 / 3, 35, 45 - 20 / 3], atol=1)
+    # past the volume the edge slice repeats, as for adjacent slices
+    assert np.allclose(x[1, :, 0, 0] * 255, [5, 5 + 10 / 3, 5 + 40 / 3], atol=1)
+
+
+def test_native_slice_step_rounds_the_scans_slice_spacing():
+    for spacing, want in ((0.8, 1), (1.0, 1), (1.4, 1), (2.5, 2), (3.6, 4), (4.0, 4)):
+        prep = data.Prepared("c", np.zeros((2, 2, 2), np.uint8), None,
+                             {"geometry": {"spacing": (0.7, 0.7, spacing)}})
+        assert data.native_slice_step(prep, True) == want
+
+
+def test_training_patches_take_the_same_neighbours_as_inference():
+    vol = np.zeros((64, 64, 30), np.uint8)
+    vol[:] = np.arange(30, dtype=np.uint8) * 8                     # slice z holds 8 z
+    lab = np.zeros_like(vol)
+    ds = data.PatchDataset([vol], [lab], patch=64, n_slices=3, patches_per_image=20, fg_fraction=0,
+                           steps=[4])
+    for i in range(20):
+        x, _ = ds[i]
+        mid = round(float(x[1, 0, 0]) * 255 / 8)
+        want = [min(max(mid + d, 0), 29) * 8 / 255 for d in (-4, 0, 4)]
+        assert np.allclose(x[:, 0, 0].numpy(), want, atol=1e-6)
+
+
+# ------------------------------------------------------------------ --stage2-loss, and what --paper-strict turns off
+
+def test_stage2_dice_is_a_flag_off_in_the_paper():
+    paper = train.parse_args(["--preset", "paper"])
+    assert (paper.native_slices, paper.stage2_loss, paper.postprocess) == (False, "ce", "off")
+    assert not train.adds_dice(2, paper) and not train.adds_dice(1, paper)
+    a = train.parse_args(["--preset", "cpu", "--stage2-loss", "dice_ce"])
+    assert train.adds_dice(2, a) and train.adds_dice(1, a)
+    b = train.parse_args(["--preset", "cpu"])
+    assert train.adds_dice(1, b) and not train.adds_dice(2, b)
+    for preset in train.PRESETS:
+        s = train.parse_args(["--preset", preset, "--paper-strict"])
+        assert (s.native_slices, s.stage2_loss, s.postprocess) == (False, "ce", "off")
+    for flag in (["--native-slices"], ["--stage2-loss", "dice_ce"], ["--postprocess", "decide"]):
+        with pytest.raises(SystemExit):
+            train.parse_args(["--paper-strict", *flag])
+
+
+# ------------------------------------------------------------------ post-processing decided on evidence
+
+def two_piece_case():
+    """A gland (a 10x10x10 cube) and a stray 2x2x2 piece far from it; and a gland made of two
+    separate cubes that both count."""
+    gland = np.zeros((40, 40, 40), bool)
+    gland[5:15, 5:15, 5:15] = True
+    stray = np.zeros_like(gland)
+    stray[30:32, 30:32, 30:32] = True
+    return gland, stray
+
+
+def test_pieces_count_26_connected_components():
+    m = np.zeros((6, 6, 6), bool)
+    m[0, 0, 0] = m[1, 1, 1] = True                     # touch at a corner: one piece
+    m[4, 4, 4] = True
+    assert data.pieces(m) == 2 and data.pieces(np.zeros_like(m)) == 0
+    from metrics import count_pieces
+    assert count_pieces(m) == 2 and count_pieces(np.zeros_like(m)) == 0
+
+
+def test_central_piece_is_the_one_at_the_point():
+    gland, stray = two_piece_case()
+    big = np.zeros_like(gland)
+    big[25:40, 25:40, 25:40] = True                                  # larger than the gland
+    both = gland | big
+    assert np.array_equal(data.central_piece(both, (10, 10, 10)), gland)     # holds the point
+    assert np.array_equal(data.central_piece(both, (0, 0, 0)), gland)        # nearest: 5 sqrt 3
+    assert np.array_equal(data.central_piece(both, (39, 39, 0)), big)        # nearest: 25 vs 36
+    assert data.central_piece(gland, (30, 30, 30)) is gland                  # one piece: as it is
+    assert np.array_equal(data.largest_piece(both), big) and data.largest_piece(gland) is gland
+
+
+def test_keep_one_piece_removes_the_other_pieces_and_says_so():
+    import infer
+    gland, stray = two_piece_case()
+    prob = np.where(gland | stray, 0.9, 0.1).astype(np.float32)
+    said = []
+    out = infer.keep_one_piece(prob, (9.5, 9.5, 9.5), said.append, "c")
+    assert np.array_equal(out > 0.5, gland)
+    assert np.array_equal(out[~stray], prob[~stray])               # nothing else touched
+    # 1000 of 1008 voxels
+    assert said == ["  c: kept the piece at the prostate centre, 1 of 2 pieces: 99 % of the mask"]
+    one = np.where(gland, 0.9, 0.1).astype(np.float32)
+    said.clear()
+    assert infer.keep_one_piece(one, (0, 0, 0), said.append) is one and said == []
+
+
+def test_decision_keeps_one_piece_only_where_it_helps():
+    gland, stray = two_piece_case()
+    dice = lambda a, b: 2 * (a & b).sum() / (a.sum() + b.sum())
+    # must apply: a stray piece away from a one-piece gland
+    pred = gland | stray
+    kept = data.central_piece(pred, (10, 10, 10))
+    ev = [dict(dsc_raw=dice(pred, gland), dsc_one_piece=dice(kept, gland))]
+    assert ev[0]["dsc_raw"] == pytest.approx(2000 / 2008) and ev[0]["dsc_one_piece"] == 1.0
+    assert train.one_piece_decision(ev)
+    # must not apply: the gland itself is two pieces (the one kept loses the other)
+    two = gland.copy()
+    two[20:26, 20:26, 20:26] = True
+    kept = data.central_piece(two, (10, 10, 10))
+    ev = [dict(dsc_raw=dice(two, two), dsc_one_piece=dice(kept, two))]
+    assert ev[0]["dsc_one_piece"] == pytest.approx(2000 / 2216)
+    assert not train.one_piece_decision(ev)
+    # pooled over cases: the mean decides (nnU-Net's rule), and no evidence decides nothing
+    assert train.one_piece_decision([dict(dsc_raw=0.8, dsc_one_piece=0.9),
+                                     dict(dsc_raw=0.9, dsc_one_piece=0.85)])
+    assert not train.one_piece_decision([])
+
+
+def test_postprocess_from_pools_fold_runs_and_refuses_a_run_without_evidence(tmp_path, capsys):
+    import infer, json
+    for i, (raw, big) in enumerate(((0.6, 0.7), (0.8, 0.75))):
+        (tmp_path / f"f{i}").mkdir()
+        (tmp_path / f"f{i}" / infer.POSTPROCESSING).write_text(json.dumps(
+            dict(one_piece=None, evidence=[dict(case=f"c{i}", pieces=3, dsc_raw=raw,
+                                                dsc_one_piece=big)])))
+    rows = train.pooled_evidence([tmp_path / "f0", tmp_path / "f1"])
+    assert [r["case"] for r in rows] == ["c0", "c1"] and train.one_piece_decision(rows)
+    with pytest.raises(SystemExit) as e:
+        train.pooled_evidence([tmp_path / "f0", tmp_path / "nowhere"])
+    assert "nowhere" in str(e.value) and "\n" not in str(e.value)
+    # the decision file is what infer.py follows; a broken one is a one-line error
+    (tmp_path / "f0" / infer.POSTPROCESSING).write_text(json.dumps(dict(one_piece=True)))
+    assert infer.run_postprocessing(tmp_path / "f0") is True
+    assert infer.run_postprocessing(tmp_path / "f1") is False        # undecided: raw
+    assert infer.run_postprocessing(tmp_path) is False               # no file: raw
+    (tmp_path / "f1" / infer.POSTPROCESSING).write_text("{not json")
+    with pytest.raises(ValueError, match="not a train.py post-processing decision"):
+        infer.run_postprocessing(tmp_path / "f1")
