@@ -9,9 +9,9 @@ image:
   (Section III-A) -> prostate centre = mean of the femoral-head reference centre and the Stage-1
   centre (Section III-A) -> 128^3 crop at 1 mm -> Stage 2 on whole slices, no patch voting (Section
   IV-B) -> the run's post-processing, if it decided on one (RUN_DIR/postprocessing.json: keep the
-  piece at the prostate centre) -> probability mapped back onto the input's own grid -> OUTPUT_DIR/CASE.nii.gz
-  (uint8 mask, the input's affine and shape); with --save-prob also CASE_prob.nii.gz (float32
-  heatmap, Fig. 1).
+  piece at the prostate centre) -> probability mapped back onto the input's own grid ->
+  OUTPUT_DIR/CASE.nii.gz (uint8 mask, the input's affine and shape); with --save-prob also
+  CASE_prob.nii.gz (float32 heatmap, Fig. 1).
 With --png DIR, a picture per case: axial slices through the prostate with the prediction's contour
 (red), the ground truth's when --gt is given (green, as in Fig. 8), and the heatmap (Fig. 1). It
 never writes inside an input data folder and never replaces an existing file unless --overwrite is
