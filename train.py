@@ -66,7 +66,7 @@ PAPER_STRICT = dict(stage1_antialias=False,   # Section III-A: trilinear 1/4 siz
 # 1/4 size and the Dice term let Stage 1 find the prostate from its first epoch, spatial
 # augmentation removed most of Stage 2's stray blobs, keeping the central piece (decided on held-out
 # masks) the rest; on MRI, the scan's own slices as 2.5D neighbours, Dice in Stage 2 and a longer
-# Stage 2 (results/README.md, section 5).
+# Stage 2 (results/README.md, section 7).
 PRESETS = {
     "paper": dict(width=1.0, stage1_filters=32, batch=30, patches=500, stage1_patches=500,
                   epochs1=10, epochs2=20, phantom_cases=40),
