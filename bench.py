@@ -279,7 +279,8 @@ def bench_infer(args, device):
             t1 = timed(lambda: infer.predict_volume(s1, img1, 5, device), device)
             crop, _ = data.crop_around(prep.image, data.label_centre(prep.label))
             t2 = timed(lambda: infer.predict_volume(s2, crop, 3, device), device)
-            print(f"  width {width}: stage 1 {t1:.2f} s, stage 2 (128 slices of 128x128) {t2:.2f} s")
+            print(f"  width {width}: stage 1 {t1:.2f} s, "
+                  f"stage 2 (128 slices of 128x128) {t2:.2f} s")
         # Channels-last (what infer.load_models uses) against the default layout: Stage 2 at Table I
         # width on the first 32 slices of the crop, the same weights, interleaved rounds so that
         # drift hits both alike.
@@ -294,8 +295,8 @@ def bench_infer(args, device):
             for name, model in (("default layout", plain), ("channels-last", last)):
                 times[name].append(timed(lambda: infer.predict_volume(model, part, 3, device),
                                          device))
-        same = np.abs(infer.predict_volume(plain, part, 3,
-                                           device) - infer.predict_volume(last, part, 3, device)).max()
+        same = np.abs(infer.predict_volume(plain, part, 3, device)
+                      - infer.predict_volume(last, part, 3, device)).max()
         med = {k: statistics.median(v) for k, v in times.items()}
         for name, t in med.items():
             print(f"  stage 2, width 1.0, 32 slices, {name:>14}: median {t:.2f} s over "
@@ -368,7 +369,8 @@ def bench_gpu(args, device):
         t = statistics.median(timed(step, device) for _ in range(args.repeats))
         gib = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
         mem = f", peak {gib:.2f} GiB" if gib is not None else ""
-        print(f"  step {name:>18}: {t * 1000:8.1f} ms (width {args.width}, batch {args.batch}){mem}")
+        print(f"  step {name:>18}: {t * 1000:8.1f} ms "
+              f"(width {args.width}, batch {args.batch}){mem}")
     if not args.no_torchrun:
         import subprocess
         import sys

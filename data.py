@@ -401,8 +401,8 @@ def largest_piece(mask: np.ndarray) -> np.ndarray:
 
 def central_piece(mask: np.ndarray, point) -> np.ndarray:
     """The piece (26-connected, as pieces() counts) of a mask nearest to a point in voxels: the one
-    that holds it, or else the one whose nearest voxel is closest. A mask of fewer than two pieces is
-    returned as it is."""
+    that holds it, or else the one whose nearest voxel is closest. A mask of fewer than two pieces
+    is returned as it is."""
     comp, n = ndimage.label(mask, np.ones((3, 3, 3)))
     if n < 2:
         return mask

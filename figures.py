@@ -117,8 +117,8 @@ def main(argv=None):
     illustrate, replacing older ones (they are outputs of this command, like the tables)."""
     p = argparse.ArgumentParser(description=(
         "Fig. 6 (DSC/ASD against lambda, sigma and k), Fig. 7 (cross-entropy and validation DSC "
-        "against steps) "
-        "and a Table III bar chart as PNGs, from the CSVs in --results (needs matplotlib)."))
+        "against steps) and a Table III bar chart as PNGs, from the CSVs in --results (needs "
+        "matplotlib)."))
     p.add_argument("--results", default="results",
                    help="folder with the ablation's *_cases.csv and CSVs")
     a = p.parse_args(argv)

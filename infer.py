@@ -71,7 +71,8 @@ def predict_volume(model, volume_u8, n_slices, device, chunk=8, amp=False, step=
     x = data.slices_25d(volume_u8, n_slices, step=step)
     out = np.empty((x.shape[0],) + x.shape[2:], np.float32)
     first = next(p for p in model.parameters() if p.dim() == 4)
-    layout = torch.channels_last if first.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    stored_last = first.is_contiguous(memory_format=torch.channels_last)
+    layout = torch.channels_last if stored_last else torch.contiguous_format
     for i in range(0, len(x), chunk):
         xb = torch.from_numpy(x[i:i + chunk]).to(device).contiguous(memory_format=layout)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
@@ -195,10 +196,10 @@ LABEL_FOLDERS = ("labelsTr", "labelsTs", "labels")
 
 
 def list_inputs(inp: Path, channel="0", log=print) -> list:
-    """The images to segment, as [(case, file, channel within the file)]: a file, or every image of a
-    folder (a data set root's imagesTr/), channels found by data.image_cases, the rule training uses
-    (nnU-Net's CASE_XXXX files: the one of --channel). PROMISE12's CASE_segmentation labels beside the
-    images are not images and are skipped."""
+    """The images to segment, as [(case, file, channel within the file)]: a file, or every image of
+    a folder (a data set root's imagesTr/), channels found by data.image_cases, the rule training
+    uses (nnU-Net's CASE_XXXX files: the one of --channel). PROMISE12's CASE_segmentation labels
+    beside the images are not images and are skipped."""
     if inp.is_dir():
         folder = inp / "imagesTr" if (inp / "imagesTr").is_dir() else inp
         root = folder.parent if folder.name in IMAGE_FOLDERS else folder
@@ -248,14 +249,13 @@ def check_output_folder(out_dir: Path, protected: tuple, what: str = "output fol
     for f in sorted(trees | folders):
         if o == f or (f in trees and f in o.parents):
             raise ValueError(f"{what} {out_dir} lies inside an input folder ({f}), where nothing "
-                             f"is written; "
-                             f"choose a folder outside it")
+                             f"is written; choose a folder outside it")
 
 
 def resolve_channel(path: Path, channel, log=print) -> int:
-    """--channel of one file: an index, or a name through the dataset.json of the data set it belongs
-    to (data.channel_index). A 3-D image has one channel, so a name (e.g. T2) is accepted for it with a
-    note."""
+    """--channel of one file: an index, or a name through the dataset.json of the data set it
+    belongs to (data.channel_index). A 3-D image has one channel, so a name (e.g. T2) is accepted
+    for it with a note."""
     if str(channel).isdigit():
         return int(channel)
     import nibabel as nib
@@ -267,7 +267,8 @@ def resolve_channel(path: Path, channel, log=print) -> int:
         log(f"  {path.name}: a 3-D image has a single channel; using it for --channel {channel}")
         return 0
     meta = data.read_dataset_json(path.parent.parent)
-    index = data.channel_index(channel, meta.get("modality") or meta.get("channel_names") or {}, path)
+    names = meta.get("modality") or meta.get("channel_names") or {}
+    index = data.channel_index(channel, names, path)
     if index is None:
         raise data.DataError(f"{path}: no dataset.json above it names channel {channel!r}; give "
                              f"--channel as an index, 0 to {shape[3] - 1}")

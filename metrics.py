@@ -15,34 +15,33 @@ converters leave stale. Distances are in mm. Masks are NIfTI (.nii, .nii.gz); PR
 CASE_segmentation files pair with a prediction named CASE.
 
 Definitions (Section IV-C):
-  Surface      A voxel of the mask with at least one of its 6 face neighbours outside the mask: the mask minus
-               its erosion by the 3-D cross (scipy.ndimage.generate_binary_structure(3, 1)). Voxels
-               on the volume's border count as surface (outside the volume is background).
+  Surface      A voxel of the mask with at least one of its 6 face neighbours outside the mask: the
+               mask minus its erosion by the 3-D cross, ndimage.generate_binary_structure(3, 1).
+               Voxels on the volume's border count as surface (outside it is background).
   d(a, Sur_b)  Euclidean distance in mm from a surface voxel centre of one mask to the nearest
-  surface voxel
-               centre of the other: scipy.ndimage.distance_transform_edt with sampling=spacing,
-               computed only inside the two masks' joint bounding box plus a one-voxel margin
-               (exactly the same values as over the whole volume: every surface voxel lies inside
-               that box).
-  ASD (Eq. 6)  mean of the two directed mean surface distances. (Not MedPy 0.5's `assd`, which pools
-               both directions' distances into one mean: different when the two surfaces have
-               different sizes, e.g. 9.7 vs 7.6 mm on a real case.)
+               surface voxel centre of the other: scipy.ndimage.distance_transform_edt with
+               sampling=spacing, computed only inside the two masks' joint bounding box plus a
+               one-voxel margin (exactly the same values as over the whole volume: every surface
+               voxel lies inside that box).
+  ASD (Eq. 6)  mean of the two directed mean surface distances. (Not MedPy 0.5's `assd`, which
+               pools both directions' distances into one mean: different when the two surfaces
+               have different sizes, e.g. 9.7 vs 7.6 mm on a real case.)
   HD (Eq. 8)   the larger of the two directed maxima.
   HD95         two definitions are in common use:
-               'max'    max(P95(d(Sur_seg -> Sur_gt)), P95(d(Sur_gt -> Sur_seg))): Eq. 8 with each max
-                        replaced by a 95th percentile. MONAI's
+               'max'    max(P95(d(Sur_seg -> Sur_gt)), P95(d(Sur_gt -> Sur_seg))): Eq. 8 with
+                        each max replaced by a 95th percentile. MONAI's
                         compute_hausdorff_distance(percentile=95) and DeepMind's surface-distance
                         compute_robust_hausdorff(.., 95) use this. DEFAULT.
                'pooled' P95 of both directions' distances pooled together: MedPy's
-               metric.binary.hd95. Percentiles use numpy's default linear interpolation.
+                        metric.binary.hd95. Percentiles use numpy's default linear interpolation.
   aRVD         |(|seg| - |gt|) / |gt|| * 100, in percent (Table VI).
 Empty masks (defined, and never flattering; a missed prostate must not vanish from the mean):
   both empty   DSC = PPV = SEN = 1, aRVD = 0, all distances 0 (a correct "nothing here").
-  one empty    DSC = PPV = SEN = 0; distances are set to the volume's diagonal in mm, the largest distance
-               the volume allows, so the case counts as the worst possible in every mean; aRVD = 100
-               if the prediction is empty; undefined (NaN in the CSV, null in the JSON) if the
-               ground truth is, and then left out of aRVD's mean, which says over how many cases it
-               ran. The summary also counts the cases with an empty prediction.
+  one empty    DSC = PPV = SEN = 0; distances are set to the volume's diagonal in mm, the largest
+               distance the volume allows, so the case counts as the worst possible in every
+               mean; aRVD = 100 if the prediction is empty; undefined (NaN in the CSV, null in the
+               JSON) if the ground truth is, and then left out of aRVD's mean, which says over how
+               many cases it ran. The summary also counts the cases with an empty prediction.
 """
 from __future__ import annotations
 
@@ -225,7 +224,8 @@ def format_summary(summary: dict, title: str = "") -> str:
     for m in METRICS + (("pieces",) if "pieces" in summary else ()):
         s = summary[m]
         unit = " mm" if m in ("ASD", "HD95", "HD") else (" %" if m == "aRVD" else "")
-        n = f"   (over {s['n']} cases: undefined for the others)" if s.get("n", summary["cases"]) != summary["cases"] else ""
+        partial = s.get("n", summary["cases"]) != summary["cases"]
+        n = f"   (over {s['n']} cases: undefined for the others)" if partial else ""
         lines.append(f"{m:<6} {s['mean']:>10.4f} +- {s['std']:<8.4f} {s['median']:>10.4f}{unit}{n}")
     return "\n".join(lines)
 
@@ -240,7 +240,9 @@ def paired_pvalues(rows_a: list[dict], rows_b: list[dict]) -> dict:
         x = np.array([r[m] for r in common], float)
         y = np.array([b[r["case"]][m] for r in common], float)
         ok = np.isfinite(x) & np.isfinite(y)
-        out[m] = float(stats.ttest_rel(x[ok], y[ok]).pvalue) if ok.sum() > 1 and np.any(x[ok] != y[ok]) else 1.0
+        x, y = x[ok], y[ok]
+        # no test when fewer than two pairs or no pair differs (the t statistic is undefined)
+        out[m] = float(stats.ttest_rel(x, y).pvalue) if len(x) > 1 and np.any(x != y) else 1.0
     return out
 
 
@@ -267,8 +269,10 @@ def nifti_files(folder: Path, role: str = "gt") -> dict:
         paths = [p for p in paths if p not in segs]
     files = {data.case_name(p): p for p in paths}
     if not files:
-        other = sorted({p.suffix for p in folder.iterdir() if p.suffix in (".mhd", ".mha", ".nrrd", ".dcm", ".raw")})
-        hint = f"; found {', '.join(other)} files: convert them to NIfTI first (e.g. SimpleITK)" if other else ""
+        formats = (".mhd", ".mha", ".nrrd", ".dcm", ".raw")
+        other = sorted({p.suffix for p in folder.iterdir() if p.suffix in formats})
+        hint = (f"; found {', '.join(other)} files: convert them to NIfTI first (e.g. SimpleITK)"
+                if other else "")
         raise FileNotFoundError(f"no NIfTI files (.nii, .nii.gz) in {folder}{hint}")
     return files
 
@@ -367,8 +371,7 @@ def write_report(rows: list[dict], csv_path: Path, extra: dict | None = None) ->
     if extra:
         summary.update(extra)
     data.atomic_write_text(Path(csv_path).with_suffix(".summary.json"),
-                           json.dumps(json_safe(summary), indent=2,
-                                                                               allow_nan=False))
+                           json.dumps(json_safe(summary), indent=2, allow_nan=False))
     return summary
 
 
@@ -396,9 +399,9 @@ class CsvLog:
 
     def truncate_after(self, stage: int, epochs_done: int) -> None:
         """At the start of a stage: drop that stage's rows of the epoch a kill interrupted (after
-        `epochs_done` finished epochs; 0 when it starts afresh), so no step is in the log twice after
-        --resume (Fig. 7's curves and ablation.py's training time read this log). Rows of finished
-        epochs are never touched: they are the history the checkpoint continues."""
+        `epochs_done` finished epochs; 0 when it starts afresh), so no step is in the log twice
+        after --resume (Fig. 7's curves and ablation.py's training time read this log). Rows of
+        finished epochs are never touched: they are the history the checkpoint continues."""
         with open(self.path, newline="") as f:
             rows = list(csv.DictReader(f))
         keep = [r for r in rows if int(r["stage"]) != stage or int(r["epoch"]) <= epochs_done]
@@ -452,7 +455,7 @@ def main(argv=None):
         if args.csv:
             inputs = [args.pred_dir, args.gt_dir] + ([args.compare] if args.compare else [])
             check_report_path(Path(args.csv), inputs, args.overwrite)
-        paired_files(args.pred_dir, args.gt_dir)                  # every folder checked before any work
+        paired_files(args.pred_dir, args.gt_dir)         # every folder checked before any work
         if args.compare:
             paired_files(args.compare, args.gt_dir)
         rows = evaluate_folders(args.pred_dir, args.gt_dir, args.hd95)
@@ -463,7 +466,8 @@ def main(argv=None):
             other = evaluate_folders(args.compare, args.gt_dir, args.hd95, log=lambda *_: None)
             print(format_summary(summarize(other), f"\n{args.compare} vs {args.gt_dir}"))
             pv = paired_pvalues(rows, other)
-            print("\npaired t-test p-values (Table IV):  " + "  ".join(f"{m} {v:.4g}" for m, v in pv.items()))
+            print("\npaired t-test p-values (Table IV):  "
+                  + "  ".join(f"{m} {v:.4g}" for m, v in pv.items()))
             extra["p_values_vs_" + Path(args.compare).name] = pv
         if args.csv:
             write_report(rows, Path(args.csv), extra)
@@ -472,7 +476,8 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:                               # e.g. a read-only folder for --csv
-        print(f"error: cannot write {e.filename or args.csv}: {e.strerror}; choose a writable --csv", file=sys.stderr)
+        print(f"error: cannot write {e.filename or args.csv}: {e.strerror}; choose a writable "
+              f"--csv", file=sys.stderr)
         return 2
     return 0
 

@@ -1,7 +1,7 @@
 """A synthetic pelvic CT with known ground truth: the default data set, so that everything runs
 anywhere.
 
-    python phantom.py OUT_DIR [--cases N] [--seed S]     # a Decathlon-layout data set in a new folder
+    python phantom.py OUT_DIR [--cases N] [--seed S]   # a Decathlon-layout data set in a new folder
 
 Paper is silent (it trains on 339 private CTs, Section IV-A). The phantom has what the pipeline
 needs to be exercised end to end: CT values in Hounsfield units, per-case spacing and orientation,
@@ -44,12 +44,14 @@ def make_phantom_case(seed: int, spacing=None):
 
     The hard part is deliberate: the rectal stool behind the prostate covers the prostate's HU
     range, so only context tells them apart, as the low soft-tissue contrast of CT does in the
-    paper's Fig. 2. Everything is drawn from `seed`, so a data set is reproduced exactly from its seed."""
+    paper's Fig. 2. Everything is drawn from `seed`, so a data set is reproduced exactly from its
+    seed."""
     rng = np.random.default_rng(seed)
     s_xy = rng.uniform(0.93, 1.37) if spacing is None else spacing[0]
     s_z = rng.choice([1.0, 1.25, 1.5, 2.0, 2.5, 3.0]) if spacing is None else spacing[2]
     ax, ay = rng.uniform(135, 155), rng.uniform(90, 110)            # body half-axes
-    nx, ny, nz = int((2 * ax + 40) / s_xy), int((2 * ay + 40) / s_xy), int(rng.uniform(110, 130) / s_z)
+    nx, ny = int((2 * ax + 40) / s_xy), int((2 * ay + 40) / s_xy)
+    nz = int(rng.uniform(110, 130) / s_z)
     # body not always centred in the FOV
     y_off = rng.uniform(-8, 8)
     x = ((np.arange(nx) - (nx - 1) / 2) * s_xy)[:, None, None]
@@ -105,8 +107,8 @@ def make_phantom_case(seed: int, spacing=None):
     px, py = px * rot[0] + py * rot[1], -px * rot[1] + py * rot[0]
     rho = np.sqrt((px / r[0]) ** 2 + (py / r[1]) ** 2 + (pz / r[2]) ** 2)
     theta = np.arctan2(py, px)
-    bump = 1 + 0.06 * np.sin(2 * theta + rng.uniform(0, 6)) + 0.05 * np.cos(3 * theta + rng.uniform(0, 6)) \
-        + 0.05 * pz / r[2] * np.sign(py)
+    bump = (1 + 0.06 * np.sin(2 * theta + rng.uniform(0, 6))
+            + 0.05 * np.cos(3 * theta + rng.uniform(0, 6)) + 0.05 * pz / r[2] * np.sign(py))
     prostate = np.broadcast_to(rho <= bump, hu.shape)
     hu[prostate] = rng.uniform(25, 40)
     # bladder above, with a muscular wall; filling varies

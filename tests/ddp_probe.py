@@ -1,7 +1,8 @@
-"""Run train.main under torchrun with instrumentation, for tests/test_pipeline.py::test_ddp_two_ranks.
+"""Run train.main under torchrun with instrumentation, for
+tests/test_pipeline.py::test_ddp_two_ranks.
 
-Each rank records the patch indices it loaded, the files it wrote through train.py's writers, and a hash of
-its final parameters, into PROBE_DIR/rank{R}.json (outside the run folder)."""
+Each rank records the patch indices it loaded, the files it wrote through train.py's writers, and a
+hash of its final parameters, into PROBE_DIR/rank{R}.json (outside the run folder)."""
 import hashlib
 import json
 import os
@@ -21,7 +22,8 @@ data.PatchDataset.__getitem__ = lambda self, i: (seen.append(int(i)), get_item(s
 save = train.save_checkpoint
 train.save_checkpoint = lambda obj, path: (written.append(str(path)), save(obj, path))[1]
 csv_write = train.metrics.CsvLog.write
-train.metrics.CsvLog.write = lambda self, rows: (written.append(str(self.path)), csv_write(self, rows))[1]
+train.metrics.CsvLog.write = lambda self, rows: (written.append(str(self.path)),
+                                                 csv_write(self, rows))[1]
 train_stage = train.train_stage
 
 # Stand-ins for a slow data set on a real cluster: PROBE_TIMEOUT_S shortens the default process
@@ -32,11 +34,13 @@ if os.environ.get("PROBE_TIMEOUT_S"):
     import torch.distributed as dist
     init = dist.init_process_group
     seconds = float(os.environ["PROBE_TIMEOUT_S"])
-    train.dist.init_process_group = lambda *a, **k: init(*a, timeout=datetime.timedelta(seconds=seconds), **k)
+    timeout = datetime.timedelta(seconds=seconds)
+    train.dist.init_process_group = lambda *a, **k: init(*a, timeout=timeout, **k)
 if os.environ.get("PROBE_SLOW_PREP_S"):
     import time
     preprocess = data.preprocess
-    data.preprocess = lambda *a, **k: (time.sleep(float(os.environ["PROBE_SLOW_PREP_S"])), preprocess(*a, **k))[1]
+    data.preprocess = lambda *a, **k: (time.sleep(float(os.environ["PROBE_SLOW_PREP_S"])),
+                                       preprocess(*a, **k))[1]
 
 
 def recording_train_stage(*a, **k):

@@ -1,5 +1,5 @@
-"""data.py: geometry against analytic expectations, the phantom's known truth, the real Decathlon subset,
-and every kind of bad input."""
+"""data.py: geometry against analytic expectations, the phantom's known truth, the real Decathlon
+subset, and every kind of bad input."""
 import json
 from pathlib import Path
 
@@ -27,20 +27,21 @@ def test_resampling_keeps_extent_and_centroid():
     centre = np.array([21.0, 27.5, 24.0])                                   # mm
     lab = (np.linalg.norm((idx - centre) / [9, 7, 10], axis=-1) <= 1).astype(np.uint8)
     out = data.resample_label(lab, spacing)
-    for n, s, m in zip(shape, spacing, out.shape):                          # extent within one voxel
+    for n, s, m in zip(shape, spacing, out.shape):  # extent within one voxel
         assert abs((m - 1) - (n - 1) * s) < 1.0
     assert np.allclose(np.argwhere(out).mean(0), centre, atol=1.0)           # centroid within 1 mm
     vol_true = 4 / 3 * np.pi * 9 * 7 * 10
     assert abs(out.sum() - vol_true) / vol_true < 0.05
-    ramp = np.broadcast_to(np.arange(shape[0])[:, None, None] * spacing[0], shape).astype(np.float32)
-    r = data.resample_to(ramp, spacing)                                     # trilinear is exact on a ramp
+    ramp = np.broadcast_to(np.arange(shape[0])[:, None, None] * spacing[0],
+                           shape).astype(np.float32)
+    r = data.resample_to(ramp, spacing)  # trilinear is exact on a ramp
     assert np.allclose(r[:, 0, 0], np.arange(r.shape[0]), atol=1e-4)
 
 
 def test_patch_middle_slice_lines_up_with_label():
     rng = np.random.default_rng(0)
     img = rng.integers(0, 255, (70, 66, 9)).astype(np.uint8)
-    lab = (img > 200).astype(np.uint8)                                     # label is a function of the voxel
+    lab = (img > 200).astype(np.uint8)  # label is a function of the voxel
     ds = data.PatchDataset([img], [lab], patch=64, n_slices=5, patches_per_image=40, seed=1)
     for i in range(40):
         x, y = ds[i]
@@ -56,7 +57,8 @@ def test_slices_25d_neighbours_and_padding():
     v = np.arange(4 * 6 * 5, dtype=np.uint8).reshape(4, 6, 5)
     s = data.slices_25d(v, 3)
     assert s.shape == (5, 3, 8, 8)
-    assert np.allclose(s[0, 0, :4, :6] * 255, v[:, :, 0]) and np.allclose(s[0, 2, :4, :6] * 255, v[:, :, 1])
+    assert np.allclose(s[0, 0, :4, :6] * 255, v[:, :, 0])
+    assert np.allclose(s[0, 2, :4, :6] * 255, v[:, :, 1])
     assert np.allclose(s[4, 2, :4, :6] * 255, v[:, :, 4]) and s[2, 1, 4:].sum() == 0
 
 
@@ -76,7 +78,7 @@ def test_phantom_femoral_centre_and_roundtrip(phantom, tmp_path):
         assert p.meta["modality"] == "ct" and p.image.dtype == np.uint8
         world = np.array(meta["phantom_truth"][c.name]["femoral_midpoint_world"])
         aff = nib.load(str(c.image)).affine
-        vox = np.linalg.solve(aff, np.r_[world, 1])[:3]                     # original voxel coordinates
+        vox = np.linalg.solve(aff, np.r_[world, 1])[:3]  # original voxel coordinates
         ornt = np.array(p.meta["geometry"]["ornt"])
         shape = p.meta["geometry"]["shape"]
         ras = np.empty(3)
@@ -102,7 +104,8 @@ def test_phantom_refuses_non_empty_folder(phantom):
 @pytest.mark.skipif(not MSD.is_dir(), reason="shared Decathlon subset not present")
 def test_decathlon_subset_loads_as_it_is(tmp_path):
     cases = data.find_cases(MSD, channel="T2")
-    assert [c.name for c in cases] == ["prostate_10", "prostate_18", "prostate_28", "prostate_29", "prostate_34"]
+    assert [c.name for c in cases] == ["prostate_10", "prostate_18", "prostate_28", "prostate_29",
+                                       "prostate_34"]
     assert cases[0].modality == "mr"
     assert data.find_cases(MSD, channel="ADC")[0].channel == 1
     p = data.prepare_cases(cases[:1], tmp_path, log=None)[0]
@@ -112,7 +115,8 @@ def test_decathlon_subset_loads_as_it_is(tmp_path):
     assert np.allclose(sorted(p.meta["geometry"]["spacing"]), sorted(zooms), atol=1e-4)
     assert p.label.sum() > 1000 and p.image.max() == 255
     tr, va, te = data.split_cases([c.name for c in cases], seed=0)
-    assert (len(tr), len(va), len(te)) == (3, 1, 1) and sorted(tr + va + te) == [c.name for c in cases]
+    assert (len(tr), len(va), len(te)) == (3, 1, 1)
+    assert sorted(tr + va + te) == [c.name for c in cases]
 
 
 def test_split_is_deterministic_and_70_10_20():
@@ -128,7 +132,8 @@ def test_cross_validation_tests_every_case_exactly_once():
     assert sorted(n for _, _, te in splits for n in te) == names          # a partition of the cases
     for tr, va, te in splits:
         assert va == [] and sorted(tr + te) == names and len(te) in (2, 3) and not set(tr) & set(te)
-    assert all(len(data.split_cases(names, 0, fold=f, folds=7)[2]) == 1 for f in range(7))   # leave-one-out
+    # leave-one-out
+    assert all(len(data.split_cases(names, 0, fold=f, folds=7)[2]) == 1 for f in range(7))
     for fold, folds in ((3, 3), (0, 8), (0, 1)):
         with pytest.raises(ValueError, match="folds"):
             data.split_cases(names, 0, fold=fold, folds=folds)
@@ -142,7 +147,8 @@ def write_case(root, name, img, lab, aff=None, lab_aff=None):
     (root / "labelsTr").mkdir(exist_ok=True)
     nib.save(nib.Nifti1Image(img, aff), str(root / "imagesTr" / f"{name}.nii.gz"))
     if lab is not None:
-        nib.save(nib.Nifti1Image(lab, aff if lab_aff is None else lab_aff), str(root / "labelsTr" / f"{name}.nii.gz"))
+        nib.save(nib.Nifti1Image(lab, aff if lab_aff is None else lab_aff),
+                 str(root / "labelsTr" / f"{name}.nii.gz"))
 
 
 def good_arrays():
@@ -155,7 +161,8 @@ def good_arrays():
 
 @pytest.mark.parametrize("kind,match", [
     ("label_shape", "does not match image shape"),
-    ("label_affine", r"label and image grids differ: voxel size by 1 mm, origin by 0 mm, axis direction by 0 "),
+    ("label_affine",
+     r"label and image grids differ: voxel size by 1 mm, origin by 0 mm, axis direction by 0 "),
     ("nan", "NaN or infinite"),
     ("empty_label", "label is empty"),
     ("zero_spacing", "spacing must be positive|singular affine"),
@@ -174,14 +181,15 @@ def test_bad_input_gives_clear_error_naming_the_file(tmp_path, kind, match):
         write_case(root, "c", np.where(img > 0, np.nan, img).astype(np.float32), lab)
     elif kind == "empty_label":
         write_case(root, "c", img, lab * 0)
-    elif kind == "zero_spacing":                     # nibabel will not write it: patch pixdim[2] in the header
+    elif kind == "zero_spacing":  # nibabel will not write it: patch pixdim[2] in the header
         write_case(root, "c", img, lab)
         for sub in ("imagesTr", "labelsTr"):
             gz = root / sub / "c.nii.gz"
             raw = bytearray(nib.load(str(gz)).to_bytes())
             raw[80:84] = np.float32(0.0).tobytes()   # pixdim[1] (x spacing) at byte 76 + 4
-            raw[280:296] = np.zeros(4, np.float32).tobytes()          # srow_x: the sform's x column is 0
-            raw[252:256] = np.array([0, 2], np.int16).tobytes()       # qform_code 0, sform_code 2: sform rules
+            raw[280:296] = np.zeros(4, np.float32).tobytes()  # srow_x: the sform's x column is 0
+            # qform_code 0, sform_code 2: sform rules
+            raw[252:256] = np.array([0, 2], np.int16).tobytes()
             gz.unlink()
             (root / sub / "c.nii").write_bytes(bytes(raw))
     elif kind == "two_d":
@@ -196,7 +204,7 @@ def test_bad_input_gives_clear_error_naming_the_file(tmp_path, kind, match):
     with pytest.raises(data.DataError, match=match) as e:
         data.prepare_cases(data.find_cases(root), tmp_path / "cache", log=None)
     assert "c.nii" in str(e.value)
-    assert before == {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}     # input untouched
+    assert before == {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}  # input untouched
 
 
 def test_missing_folder_and_file():
@@ -214,7 +222,8 @@ def test_nnunet_and_paired_folder_layouts(tmp_path):
     (nn / "labelsTr").mkdir()
     for name in ("case_a", "case_b"):
         nib.save(nib.Nifti1Image(img, aff), str(nn / "imagesTr" / f"{name}_0000.nii.gz"))
-        nib.save(nib.Nifti1Image(img, aff), str(nn / "imagesTr" / f"{name}_0001.nii.gz"))   # a second channel
+        # a second channel
+        nib.save(nib.Nifti1Image(img, aff), str(nn / "imagesTr" / f"{name}_0001.nii.gz"))
         nib.save(nib.Nifti1Image(lab, aff), str(nn / "labelsTr" / f"{name}.nii.gz"))
     cases = data.find_cases(nn)
     assert [c.name for c in cases] == ["case_a", "case_b"]
@@ -226,4 +235,5 @@ def test_nnunet_and_paired_folder_layouts(tmp_path):
     nib.save(nib.Nifti1Image(lab, aff), str(plain / "labels" / "p1.nii.gz"))
     (c,) = data.find_cases(plain)
     image, label, geo = data.load_case(c)
-    assert c.name == "p1" and image.shape == (20, 20, 10) and label.sum() == 32 and geo.spacing == (1.0, 1.0, 2.0)
+    assert c.name == "p1" and image.shape == (20, 20, 10) and label.sum() == 32
+    assert geo.spacing == (1.0, 1.0, 2.0)

@@ -10,7 +10,8 @@ import metricunet as M
 
 
 def named(t):
-    """A sampler's plain (anchor, positive, negative, valid) tuple with the fields by name, for readable tests."""
+    """A sampler's plain (anchor, positive, negative, valid) tuple with the fields by name, for
+    readable tests."""
     from types import SimpleNamespace
     return SimpleNamespace(**dict(zip(("anchor", "positive", "negative", "valid"), t)))
 
@@ -35,9 +36,9 @@ def test_table_i_total_parameters():
 
 @pytest.mark.parametrize("name,k", TABLE_I_K.items())
 def test_table_i_each_layer(name, k):
-    # the table prints whole thousands (one decimal below 1 K), rounding inconsistently (73.7 K -> '73K',
-    # 36.9 K -> '37K'), so a layer matches when it is within one printed unit; a wrong channel count or
-    # kernel size is off by a factor of two or more
+    # the table prints whole thousands (one decimal below 1 K), rounding inconsistently (73.7 K ->
+    # '73K', 36.9 K -> '37K'), so a layer matches when it is within one printed unit; a wrong
+    # channel count or kernel size is off by a factor of two or more
     w = conv_weight_count(getattr(M.MetricUNet(), name))
     assert abs(w - 1000 * k) < (1000 if k >= 1 else 100)
 
@@ -49,7 +50,8 @@ def test_sega_is_1x1_and_width_multiplier_scales():
     assert 0.2 < half / M.count_parameters(net) < 0.3          # conv params scale ~ width^2
 
 
-@pytest.mark.parametrize("cls,cin", [(M.MetricUNet, 3), (M.MetricUNetPlusPlus, 3), (M.LightUNet, 5)])
+@pytest.mark.parametrize("cls,cin", [(M.MetricUNet, 3), (M.MetricUNetPlusPlus, 3),
+                                     (M.LightUNet, 5)])
 def test_forward_shapes(cls, cin):
     net = cls() if cls is not M.MetricUNet else cls(width=0.25)
     logits, feats = net(torch.randn(2, cin, 32, 48))
@@ -65,7 +67,8 @@ def test_bad_input_shape_is_a_clear_error():
 
 
 def test_table_ii_has_twelve_rows_and_metric_adds_no_weights():
-    assert list(M.CONFIGS) == ["UNet", "UNet++", "R-Sep", "R", "H", "++H", "C", "HR", "HC", "HP", "HRP", "HCP"]
+    assert list(M.CONFIGS) == ["UNet", "UNet++", "R-Sep", "R", "H", "++H", "C", "HR", "HC", "HP",
+                               "HRP", "HCP"]
     unet = M.count_parameters(M.MetricUNet())
     for cfg in M.CONFIGS.values():
         if cfg.backbone == "unet":
@@ -80,21 +83,24 @@ def test_table_ii_has_twelve_rows_and_metric_adds_no_weights():
 # ---------------------------------------------------------------- samplers
 
 def blob_labels(n=4, h=32, w=32, seed=0):
-    """Each image gets its own, differently placed random blob, so 'from the anchor's image' is checkable."""
+    """Each image gets its own, differently placed random blob, so 'from the anchor's image' is
+    checkable."""
     rng = np.random.default_rng(seed)
     lab = np.zeros((n, h, w), dtype=np.int64)
     yy, xx = np.mgrid[:h, :w]
     for i in range(n):
         cy, cx = rng.integers(h // 4, h - h // 4), rng.integers(w // 4, w - w // 4)
         r = rng.integers(2, max(3, min(h, w) // 5))
-        lab[i] = ((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r) * (i % 2 + 1)   # label values 1 and 2 are prostate
+        # label values 1 and 2 are prostate
+        lab[i] = ((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r) * (i % 2 + 1)
     return torch.from_numpy(lab)
 
 
 def check_common(t, lab, k, m):
     N = lab.shape[0]
     flat = lab.flatten(1) > 0
-    assert t.anchor.shape == (N, k) and t.positive.shape == (N, k, m) and t.negative.shape == (N, k, m)
+    assert t.anchor.shape == (N, k)
+    assert t.positive.shape == t.negative.shape == (N, k, m)
     for i in range(N):                      # per image, by brute force
         if not t.valid[i].all():
             continue
@@ -114,7 +120,8 @@ def test_focal_hard_anchors_satisfy_eq1():
     lab = blob_labels()
     rng = np.random.default_rng(2)
     probs = torch.from_numpy(rng.uniform(0, 1, lab.shape)).float()
-    t = named(M.focal_hard_negative_sampler(lab, probs, k=50, m=1, tau=0.1, generator=torch.Generator().manual_seed(0)))
+    t = named(M.focal_hard_negative_sampler(lab, probs, k=50, m=1, tau=0.1,
+                                            generator=torch.Generator().manual_seed(0)))
     check_common(t, lab, 50, 1)
     for i in range(lab.shape[0]):
         a = t.anchor[i]
@@ -126,7 +133,8 @@ def test_focal_hard_without_hard_voxels_is_invalid():
     lab = blob_labels()
     probs = (lab > 0).float() * 0.95                  # every voxel within tau of its label
     probs[1] = 0.0                                    # image 1: all prostate voxels missed -> hard
-    t = named(M.focal_hard_negative_sampler(lab, probs, k=5, generator=torch.Generator().manual_seed(0)))
+    t = named(M.focal_hard_negative_sampler(lab, probs, k=5,
+                                            generator=torch.Generator().manual_seed(0)))
     assert t.valid.tolist() == [[False] * 5, [True] * 5, [False] * 5, [False] * 5]
 
 
@@ -170,7 +178,8 @@ def tuples_1(anchor, pos, neg):
 def test_eq2_hand_worked_raw_features():
     # voxels 0..2 with 2-d features a=(0,0), p=(1,0), n=(0,0.5): d_ap=1, d_an=0.25
     feats = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 0.5]]).view(1, 2, 1, 3)
-    loss = M.metric_loss(feats, tuples_1(0, [1], [2]), sigma=0.7, beta=0.1, eps=0.01, normalize=False)
+    loss = M.metric_loss(feats, tuples_1(0, [1], [2]), sigma=0.7, beta=0.1, eps=0.01,
+                         normalize=False)
     # triplet max(0, 1 - 0.25 + 0.7) = 1.45; pair 0.1 * max(0, 1 - 0.01) = 0.099
     assert loss.item() == pytest.approx(1.549, abs=1e-6)
     feats[0, 0, 0, 2] = 3.0                           # n=(3,0.5): d_an = 9.25, hinge is 0
@@ -192,7 +201,8 @@ def test_eq2_against_brute_force_loops():
     lab[:, 2:6, 2:6] = 1
     lab[2] = 0                                        # an invalid image
     t = named(M.random_sampler(lab, k=4, m=2, generator=g))
-    got = M.metric_loss(feats, tuple(vars(t).values()), sigma=0.5, beta=0.3, eps=0.2, normalize=True).item()
+    got = M.metric_loss(feats, tuple(vars(t).values()), sigma=0.5, beta=0.3, eps=0.2,
+                        normalize=True).item()
     f = feats.flatten(2)
     f = f / f.norm(dim=1, keepdim=True)
     want = 0.0
@@ -222,7 +232,8 @@ def test_no_tuples_gives_attached_exact_zero():
 # ---------------------------------------------------------------- gradient routing
 
 def grads(net):
-    return {n: (p.grad is not None and p.grad.abs().sum().item() > 0) for n, p in net.named_parameters()}
+    return {n: (p.grad is not None and p.grad.abs().sum().item() > 0)
+            for n, p in net.named_parameters()}
 
 
 def test_metric_loss_alone_trains_the_encoder():
@@ -245,7 +256,8 @@ def test_r_sep_routing():
     _, parts = M.total_loss(logits, feats, lab, cfg)
     parts["ce"].backward(retain_graph=True)
     g = grads(net)
-    assert g["segb.weight"] and g["sega.0.weight"] and not g["conv1a.0.weight"] and not g["conv6d.0.weight"]
+    assert g["segb.weight"] and g["sega.0.weight"]
+    assert not g["conv1a.0.weight"] and not g["conv6d.0.weight"]
     net.zero_grad(set_to_none=True)
     parts["random"].backward()
     g = grads(net)
@@ -258,12 +270,15 @@ def test_total_loss_is_eq4():
     net = M.build_model(cfg, width=0.125)
     lab = blob_labels(2, 16, 16)
     logits, feats = net(torch.randn(2, 3, 16, 16))
-    loss, parts = M.total_loss(logits, feats, lab, cfg, M.Settings(lam=0.03), torch.Generator().manual_seed(0))
+    loss, parts = M.total_loss(logits, feats, lab, cfg, M.Settings(lam=0.03),
+                               torch.Generator().manual_seed(0))
     assert set(parts) == {"ce", "hard", "contour"}
-    # by hand: each strategy drawn in Table II's order from the same generator, Eq. 2 one strategy at a time
+    # by hand: each strategy drawn in Table II's order from the same generator, Eq. 2 one strategy
+    # at a time
     g = torch.Generator().manual_seed(0)
     probs = torch.softmax(logits.detach(), 1)[:, 1]
-    hard = M.metric_loss(feats, M.focal_hard_negative_sampler(lab, probs, 20, 1, 0.1, g), 0.7, 0.1, 0.01)
+    hard = M.metric_loss(feats, M.focal_hard_negative_sampler(lab, probs, 20, 1, 0.1, g), 0.7, 0.1,
+                         0.01)
     contour = M.metric_loss(feats, M.contour_aware_sampler(lab, 20, 1, g), 0.7, 0.1, 0.01)
     ce = torch.nn.functional.cross_entropy(logits, (lab > 0).long())
     assert parts["hard"].item() == pytest.approx(hard.item(), rel=1e-5)
@@ -279,29 +294,30 @@ def test_poly_lr():
 
 def test_hcr_is_table_i_and_fig_4s_configuration():
     hcr = M.get_config("MetricUNet-HCR")
-    assert hcr.samplers == ("hard", "contour", "random") and not hcr.pair_term and "Table I" in hcr.source
+    assert hcr.samplers == ("hard", "contour", "random")
+    assert not hcr.pair_term and "Table I" in hcr.source
     assert "HCR" not in M.CONFIGS                                     # not a Table II row
     logits = torch.randn(2, 2, 16, 16)
     feats = torch.randn(2, 8, 16, 16)
     lab = torch.zeros(2, 16, 16, dtype=torch.long)
     lab[:, 4:12, 4:12] = 1
     _, parts = M.total_loss(logits, feats, lab, hcr, generator=torch.Generator().manual_seed(0))
-    assert set(parts) == {"ce", "hard", "contour", "random"}          # one L_metric,t per strategy (Eq. 4)
+    assert set(parts) == {"ce", "hard", "contour", "random"}  # one L_metric,t per strategy (Eq. 4)
 
 
 def test_margin_violations_against_a_loop():
     g = torch.Generator().manual_seed(0)
-    a, p, n = (torch.nn.functional.normalize(torch.randn(200, 8, generator=g), dim=1) for _ in range(3))
-    want = sum(1 for i in range(200)
-               if sum((a[i, j] - p[i, j]) ** 2 for j in range(8)) - sum((a[i, j] - n[i, j]) ** 2 for j in range(8))
-               + 0.7 > 0) / 200
+    a, p, n = (torch.nn.functional.normalize(torch.randn(200, 8, generator=g), dim=1)
+               for _ in range(3))
+    d2 = lambda x, y, i: sum((x[i, j] - y[i, j]) ** 2 for j in range(8))
+    want = sum(1 for i in range(200) if d2(a, p, i) - d2(a, n, i) + 0.7 > 0) / 200
     assert M.margin_violations(a, p, n, 0.7) == pytest.approx(float(want))
     assert M.margin_violations(a, a, -a, 0.7) == 0.0            # d_ap = 0, d_an = 4 > 0.7: none
 
 
 def test_fisher_ratio_by_hand():
-    # prostate at (0, 0) and (2, 0): mean (1, 0), spread 1; background at (5, 1) and (5, -1): mean (5, 0),
-    # spread 1. Squared distance of the means 16, over 1 + 1: 8.
+    # prostate at (0, 0) and (2, 0): mean (1, 0), spread 1; background at (5, 1) and (5, -1): mean
+    # (5, 0), spread 1. Squared distance of the means 16, over 1 + 1: 8.
     fp = torch.tensor([[0.0, 0.0], [2.0, 0.0]])
     fb = torch.tensor([[5.0, 1.0], [5.0, -1.0]])
     assert M.fisher_ratio(fp, fb) == pytest.approx(8.0)

@@ -1,4 +1,4 @@
-"""train.py and infer.py end to end on a small phantom: DDP, resume, inference geometry, learning."""
+"""train.py and infer.py end to end on a small phantom: DDP, resume, output geometry, learning."""
 import json
 import math
 import os
@@ -22,20 +22,22 @@ import train
 
 ROOT = Path(__file__).resolve().parents[1]
 MSD = ROOT.parent / "shared" / "data" / "msd-prostate-subset"
-TINY = ["--width", "0.125", "--stage1-filters", "8", "--batch", "8", "--workers", "0", "--log-every", "5"]
+TINY = ["--width", "0.125", "--stage1-filters", "8", "--batch", "8", "--workers", "0",
+        "--log-every", "5"]
 
 
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory):
     base = tmp_path_factory.mktemp("pipe")
     root = make_phantom(base / "phantom", cases=4, seed=11, log=None)
-    data.prepare_cases(data.find_cases(root), base / "cache", log=None)       # warm the shared cache
+    data.prepare_cases(data.find_cases(root), base / "cache", log=None)  # warm the shared cache
     return root, base / "cache"
 
 
 def run_py(args, **kw):
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, **kw)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +45,9 @@ def trained_run(phantom, tmp_path_factory):
     """A short two-stage training (no test-split inference), shared by the inference tests."""
     root, cache = phantom
     out = tmp_path_factory.mktemp("run") / "run"
-    train.main(["--data", str(root), "--cache", str(cache), "--out", str(out), "--no-test", "--epochs1", "2",
-                "--epochs2", "4", "--stage1-patches", "48", "--patches", "128", "--fg-fraction", "0.5", "--lr", "0.03",
-                *TINY])
+    train.main(["--data", str(root), "--cache", str(cache), "--out", str(out), "--no-test",
+                "--epochs1", "2", "--epochs2", "4", "--stage1-patches", "48", "--patches", "128",
+                "--fg-fraction", "0.5", "--lr", "0.03", *TINY])
     return out
 
 
@@ -53,15 +55,16 @@ def test_ddp_two_ranks(phantom, tmp_path):
     root, cache = phantom
     probe, out = tmp_path / "probe", tmp_path / "run"
     probe.mkdir()
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-                        "tests/ddp_probe.py", "--data", str(root), "--cache", str(cache), "--out", str(out),
-                        "--stage", "2", "--epochs2", "2", "--patches", "24", "--augment", "spatial", "--no-test",
-                        *TINY],
-                       cwd=ROOT, env=dict(os.environ, PROBE_DIR=str(probe), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""),
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        "--master_port=29533", "tests/ddp_probe.py", "--data", str(root), "--cache",
+                        str(cache), "--out", str(out), "--stage", "2", "--epochs2", "2",
+                        "--patches", "24", "--augment", "spatial", "--no-test", *TINY], cwd=ROOT,
+                       env=dict(os.environ, PROBE_DIR=str(probe), OMP_NUM_THREADS="1",
+                                CUDA_VISIBLE_DEVICES=""), capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     r0, r1 = (json.loads((probe / f"rank{i}.json").read_text()) for i in (0, 1))
-    assert r0["params"] == r1["params"]                                  # identical after all-reduce
+    assert r0["params"] == r1["params"]  # identical after all-reduce
     assert r0["seen"] and r1["seen"] and not set(r0["seen"]) & set(r1["seen"])   # different samples
     assert r0["written"] and r1["written"] == []                          # only rank 0 wrote
     assert (out / "stage2_last.pt").exists()
@@ -69,23 +72,28 @@ def test_ddp_two_ranks(phantom, tmp_path):
 
 def test_resume_after_a_crash_matches_an_uninterrupted_run(phantom, tmp_path):
     root, cache = phantom
-    common = ["train.py", "--data", str(root), "--cache", str(cache), "--stage", "2", "--epochs2", "3",
-              "--patches", "16", "--augment", "spatial", "--no-test", *TINY]   # augmentation rides the epoch
+    # augmentation rides the epoch
+    common = ["train.py", "--data", str(root), "--cache", str(cache), "--stage", "2",
+              "--epochs2", "3", "--patches", "16", "--augment", "spatial", "--no-test", *TINY]
     full = run_py(common + ["--out", str(tmp_path / "a")], timeout=300)
     assert full.returncode == 0, full.stderr[-3000:]
-    # a crash: the process is killed (SIGKILL, no clean-up) as soon as the first epoch's checkpoint exists
+    # a crash: the process is killed (SIGKILL, no clean-up) as soon as the first epoch's checkpoint
+    # exists
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, *common, "--out", str(tmp_path / "b")], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, *common, "--out", str(tmp_path / "b")], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not (tmp_path / "b" / "stage2_last.pt").exists() and proc.poll() is None and time.time() < deadline:
+    checkpoint = tmp_path / "b" / "stage2_last.pt"
+    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL                                 # killed mid-run, not finished
-    again = run_py(common + ["--out", str(tmp_path / "b")], timeout=300)     # refuses to clobber the run
+    assert proc.wait() == -signal.SIGKILL  # killed mid-run, not finished
+    # refuses to clobber the run
+    again = run_py(common + ["--out", str(tmp_path / "b")], timeout=300)
     assert again.returncode != 0 and "--resume" in again.stderr
     resumed = run_py(common + ["--out", str(tmp_path / "b"), "--resume"], timeout=300)
-    assert resumed.returncode == 0 and "resumed after epoch" in resumed.stdout, resumed.stderr[-3000:]
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed after epoch" in resumed.stdout
     a = torch.load(tmp_path / "a" / "stage2_last.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "stage2_last.pt", weights_only=True)
     assert a["step"] == b["step"]
@@ -108,7 +116,8 @@ def test_training_beats_an_untrained_network(phantom, trained_run):
     crops = []
     for n in ck["dataset"]["test"] + ck["dataset"]["val"]:
         c = data.label_centre(preps[n].label)
-        crops.append((data.crop_around(preps[n].image, c)[0], data.crop_around(preps[n].label, c)[0]))
+        crops.append((data.crop_around(preps[n].image, c)[0],
+                      data.crop_around(preps[n].label, c)[0]))
     trained = M.build_model("HCP", width=0.125)
     trained.load_state_dict(ck["model"])
     torch.manual_seed(0)
@@ -121,7 +130,7 @@ def test_training_beats_an_untrained_network(phantom, trained_run):
 
 def test_inference_keeps_shape_and_affine_anisotropic_phantom(phantom, trained_run, tmp_path):
     root, _ = phantom
-    src = root / "imagesTr" / "phantom_001.nii.gz"                  # stored LPS, anisotropic spacing
+    src = root / "imagesTr" / "phantom_001.nii.gz"  # stored LPS, anisotropic spacing
     out = tmp_path / "pred"
     infer.run(trained_run, [("phantom_001", src, 0)], out, save_prob=True, log=lambda *a: None)
     ref, pred = nib.load(str(src)), nib.load(str(out / "phantom_001.nii.gz"))
@@ -148,12 +157,13 @@ def test_inference_refuses_to_write_into_its_input_folder(phantom, trained_run, 
     assert sorted(p.name for p in (root / "imagesTr").iterdir()) == before
 
 
-def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(phantom, tmp_path, monkeypatch):
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(phantom, tmp_path,
+                                                                           monkeypatch):
     root, cache = phantom
     calls = {"n": 0}
     real = M.total_loss
 
-    def poisoned(*a, **k):                      # finite in epoch 1 (3 steps), NaN from the 5th step on
+    def poisoned(*a, **k):  # finite in epoch 1 (3 steps), NaN from the 5th step on
         loss, parts = real(*a, **k)
         calls["n"] += 1
         return (loss * float("nan"), parts) if calls["n"] >= 5 else (loss, parts)
@@ -161,8 +171,8 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(phant
     monkeypatch.setattr(train.M, "total_loss", poisoned)
     out = tmp_path / "run"
     with pytest.raises(SystemExit, match="NaN or infinite at step 5"):
-        train.main(["--data", str(root), "--cache", str(cache), "--out", str(out), "--stage", "2", "--epochs2", "3",
-                    "--patches", "12", "--no-test", *TINY])
+        train.main(["--data", str(root), "--cache", str(cache), "--out", str(out), "--stage", "2",
+                    "--epochs2", "3", "--patches", "12", "--no-test", *TINY])
     ck = torch.load(out / "stage2_last.pt", weights_only=True)
     assert ck["epoch"] == 0 and all(torch.isfinite(v.float()).all() for v in ck["model"].values())
 
@@ -176,18 +186,22 @@ def test_train_refuses_bad_arguments_without_writing(phantom, tmp_path, capsys):
         train.main(["--data", str(root), "--config", "MetricUNet-XYZ"])
     assert "Table II rows are" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="not found"):
-        train.main(["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "run"), "--cache", str(cache)])
+        train.main(["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "run"), "--cache",
+                    str(cache)])
     with pytest.raises(SystemExit, match="inside the input data folder"):
-        ablation.ablation_main(["--data", str(root), "--results", str(root / "results"), "--cache", str(cache)])
+        ablation.ablation_main(["--data", str(root), "--results", str(root / "results"), "--cache",
+                                str(cache)])
     with pytest.raises(SystemExit, match="folds"):                       # 9 folds of 4 cases
-        train.main(["--data", str(root), "--out", str(tmp_path / "run9"), "--cache", str(cache), "--folds", "9"])
-    assert not (tmp_path / "run9").exists()                              # refused before any writing
+        train.main(["--data", str(root), "--out", str(tmp_path / "run9"), "--cache", str(cache),
+                    "--folds", "9"])
+    assert not (tmp_path / "run9").exists()  # refused before any writing
     assert sorted(str(p) for p in root.rglob("*")) == before
 
 
 def test_training_seconds_leaves_out_validation(tmp_path):
-    # epoch 1: steps flushed at 4 s and 10 s, validation ends at 15 s; epoch 2: steps at 22 s and 30 s, then
-    # validation until 40 s. Training time = 10 + (30 - 15) = 25 s. Stage-1 rows are ignored.
+    # epoch 1: steps flushed at 4 s and 10 s, validation ends at 15 s; epoch 2: steps at 22 s and 30
+    # s, then validation until 40 s. Training time = 10 + (30 - 15) = 25 s. Stage-1 rows are
+    # ignored.
     log = tmp_path / "log.csv"
     rows = ["stage,epoch,step,lr,loss,ce,random,hard,contour,val_dsc,val_centre_mm,seconds",
             "1,1,5,0.01,1,1,0,0,0,,,99", "2,1,1,0.01,1,1,0,0,0,,,4", "2,1,2,0.01,1,1,0,0,0,,,10",
@@ -198,42 +212,50 @@ def test_training_seconds_leaves_out_validation(tmp_path):
 
 
 def test_ablation_report_hand_numbers():
-    # UNet DSC 0.80 / 0.80, R 0.85 / 0.95 on the same two cases. Paired differences 0.05, 0.15: mean 0.1,
-    # sd 0.0707, t = 0.1 / (0.0707 / sqrt 2) = 2 with 1 degree of freedom, whose two-sided p is that of a Cauchy
-    # variable: 1 - 2 atan(2) / pi = 0.2952. R trains 10 % longer than UNet.
-    base = dict(ASD=1.0, SEN=0.9, PPV=0.9, HD95=2.0, HD=3.0, aRVD=5.0, seed=0, fold="", empty_prediction=False)
+    # UNet DSC 0.80 / 0.80, R 0.85 / 0.95 on the same two cases. Paired differences 0.05, 0.15: mean
+    # 0.1, sd 0.0707, t = 0.1 / (0.0707 / sqrt 2) = 2 with 1 degree of freedom, whose two-sided p is
+    # that of a Cauchy variable: 1 - 2 atan(2) / pi = 0.2952. R trains 10 % longer than UNet.
+    base = dict(ASD=1.0, SEN=0.9, PPV=0.9, HD95=2.0, HD=3.0, aRVD=5.0, seed=0, fold="",
+                empty_prediction=False)
     rows = [dict(base, row="UNet", case="a/s0", DSC=0.80, train_s=100.0),
             dict(base, row="UNet", case="b/s0", DSC=0.80, train_s=100.0),
             dict(base, row="R", case="a/s0", DSC=0.85, train_s=110.0),
             dict(base, row="R", case="b/s0", DSC=0.95, train_s=110.0)]
     a = ablation.parse_ablation_args(["--rows", "UNet,R"])
-    text = ablation.ablation_report(a, "phantom", ablation.ablation_jobs(a), rows, [0], None, 20, 60.0)
-    assert "| MetricUNet-R | 2 | 0.9000 ± 0.0707 | 0.9000 |" in text     # sample std (ddof 1) of 0.85, 0.95
+    text = ablation.ablation_report(a, "phantom", ablation.ablation_jobs(a), rows, [0], None, 20,
+                                    60.0)
+    # sample std (ddof 1) of 0.85, 0.95
+    assert "| MetricUNet-R | 2 | 0.9000 ± 0.0707 | 0.9000 |" in text
     assert f"| MetricUNet-R | +0.1000 | {1 - 2 * math.atan(2) / math.pi:.3g} |" in text
     assert "| MetricUNet-R | 110 | +10.0 % | 110 |" in text
 
 
 def test_ablation_runs_resumes_and_shares_stage1(phantom, tmp_path, monkeypatch):
     root, cache = phantom
-    monkeypatch.setitem(train.PRESETS, "tiny", dict(width=0.125, stage1_filters=8, batch=8, patches=8,
-                                                    stage1_patches=8, epochs1=1, epochs2=1, phantom_cases=4))
-    args = ["--data", str(root), "--cache", str(cache), "--preset", "tiny", "--rows", "UNet,R", "--folds", "2",
-            "--workers", "0", "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "res")]
+    monkeypatch.setitem(train.PRESETS, "tiny", dict(width=0.125, stage1_filters=8, batch=8,
+                                                    patches=8, stage1_patches=8, epochs1=1,
+                                                    epochs2=1, phantom_cases=4))
+    args = ["--data", str(root), "--cache", str(cache), "--preset", "tiny", "--rows", "UNet,R",
+            "--folds", "2", "--workers", "0", "--runs", str(tmp_path / "runs"), "--results",
+            str(tmp_path / "res")]
     ablation.ablation_main(args)
-    name = f"{root.name}_tiny"                       # a non-default preset names its own tables and runs
+    name = f"{root.name}_tiny"  # a non-default preset names its own tables and runs
     with open(tmp_path / "res" / f"ablation_{name}_cases.csv") as f:
         cases = list(__import__("csv").DictReader(f))
-    for row in ("UNet", "R"):                        # 2 folds x 1 seed: every case tested once per row
-        assert sorted(r["image"] for r in cases if r["row"] == row) == sorted(c.name for c in data.find_cases(root))
+    for row in ("UNet", "R"):  # 2 folds x 1 seed: every case tested once per row
+        tested = sorted(r["image"] for r in cases if r["row"] == row)
+        assert tested == sorted(c.name for c in data.find_cases(root))
     runs = tmp_path / "runs" / name
-    for fold in (0, 1):                              # both rows of a fold were scored through the same Stage 1
-        s1 = [torch.load(runs / f"{r}-f{fold}-s0" / "stage1_best.pt", weights_only=True)["model"] for r in ("UNet", "R")]
+    for fold in (0, 1):  # both rows of a fold were scored through the same Stage 1
+        s1 = [torch.load(runs / f"{r}-f{fold}-s0" / "stage1_best.pt", weights_only=True)["model"]
+              for r in ("UNet", "R")]
         assert all(torch.equal(s1[0][k], s1[1][k]) for k in s1[0])
     stamp = (runs / "R-f1-s0" / "stage2_last.pt").stat().st_mtime_ns
-    ablation.ablation_main(args)                        # a second call finds every run done and retrains nothing
+    ablation.ablation_main(args)  # a second call finds every run done and retrains nothing
     assert (runs / "R-f1-s0" / "stage2_last.pt").stat().st_mtime_ns == stamp
     text = (tmp_path / "res" / f"ablation_{name}.md").read_text()
-    assert "leave-one-out" not in text and "2-fold cross-validation" in text and "MetricUNet-R" in text
+    assert "leave-one-out" not in text
+    assert "2-fold cross-validation" in text and "MetricUNet-R" in text
     # Section I's claim measured on those runs: one row per (row, test case), repeatable to the byte
     ablation.ablation_main(args + ["--study", "embedding", "--results", str(tmp_path / "emb")])
     with open(tmp_path / "emb" / f"embedding_{name}_cases.csv") as f:
@@ -248,47 +270,53 @@ def test_ablation_runs_resumes_and_shares_stage1(phantom, tmp_path, monkeypatch)
 def test_stage1_from_refuses_a_stage1_trained_on_other_cases(phantom, tmp_path):
     root, cache = phantom
     s1 = tmp_path / "s1"
-    train.main(["--data", str(root), "--cache", str(cache), "--out", str(s1), "--stage", "1", "--epochs1", "1",
-                "--stage1-patches", "8", "--split-seed", "1", *TINY])
+    train.main(["--data", str(root), "--cache", str(cache), "--out", str(s1), "--stage", "1",
+                "--epochs1", "1", "--stage1-patches", "8", "--split-seed", "1", *TINY])
     with pytest.raises(SystemExit, match="other cases"):
-        train.main(["--data", str(root), "--cache", str(cache), "--out", str(tmp_path / "s2"), "--stage", "2",
-                    "--stage1-from", str(s1), "--epochs2", "1", "--patches", "8", *TINY])
+        train.main(["--data", str(root), "--cache", str(cache), "--out", str(tmp_path / "s2"),
+                    "--stage", "2", "--stage1-from", str(s1), "--epochs2", "1", "--patches", "8",
+                    *TINY])
 
 
 def test_ablation_overhead_is_a_median_over_runs():
-    # UNet runs took 100, 100 and 400 s (one slowed by other work), R runs 110 s: the median says +10 %, a mean
-    # would say -45 %.
-    base = dict(DSC=0.9, ASD=1.0, SEN=0.9, PPV=0.9, HD95=2.0, HD=3.0, aRVD=5.0, fold="", empty_prediction=False)
+    # UNet runs took 100, 100 and 400 s (one slowed by other work), R runs 110 s: the median says
+    # +10 %, a mean would say -45 %.
+    base = dict(DSC=0.9, ASD=1.0, SEN=0.9, PPV=0.9, HD95=2.0, HD=3.0, aRVD=5.0, fold="",
+                empty_prediction=False)
     rows = [dict(base, row=row, seed=s, case=f"a/s{s}", train_s=t)
-            for row, times in (("UNet", (100.0, 100.0, 400.0)), ("R", (110.0,) * 3)) for s, t in enumerate(times)]
+            for row, times in (("UNet", (100.0, 100.0, 400.0)), ("R", (110.0,) * 3))
+            for s, t in enumerate(times)]
     a = ablation.parse_ablation_args(["--rows", "UNet,R"])
-    text = ablation.ablation_report(a, "phantom", ablation.ablation_jobs(a), rows, [0, 1, 2], None, 20, 60.0)
-    assert "| UNet | 100 | +0.0 % | 400 |" in text and "| MetricUNet-R | 110 | +10.0 % | 110 |" in text
+    text = ablation.ablation_report(a, "phantom", ablation.ablation_jobs(a), rows, [0, 1, 2], None,
+                                    20, 60.0)
+    assert "| UNet | 100 | +0.0 % | 400 |" in text
+    assert "| MetricUNet-R | 110 | +10.0 % | 110 |" in text
 
 
 def test_split_all_trains_on_every_case_and_keeps_the_last_epoch(phantom, tmp_path, capsys):
     root, cache = phantom
     out = tmp_path / "deploy"
-    train.main(["--data", str(root), "--cache", str(cache), "--out", str(out), "--split", "all", "--stage", "1",
-                "--epochs1", "2", "--stage1-patches", "16", *TINY])
+    train.main(["--data", str(root), "--cache", str(cache), "--out", str(out), "--split", "all",
+                "--stage", "1", "--epochs1", "2", "--stage1-patches", "16", *TINY])
     said = capsys.readouterr().out
     assert said.count("no validation split") == 1 and "nan" not in said   # said once, no NaN lines
     assert "stage 1 epoch 2/2 done" in said
     ck = torch.load(out / "stage1_best.pt", weights_only=True)
     names = sorted(c.name for c in data.find_cases(root))
-    assert sorted(ck["dataset"]["train"]) == names and ck["dataset"]["val"] == [] and ck["dataset"]["test"] == []
-    assert ck["epoch"] == 1                                   # no validation: the last epoch is the one kept
+    assert sorted(ck["dataset"]["train"]) == names
+    assert ck["dataset"]["val"] == [] and ck["dataset"]["test"] == []
+    assert ck["epoch"] == 1  # no validation: the last epoch is the one kept
     assert not (out / "stage1_test.csv").exists()             # nothing held out, nothing scored
 
 
 def test_resume_never_rewrites_history(phantom, tmp_path):
     root, cache = phantom
     out = tmp_path / "run"
-    args = ["--data", str(root), "--cache", str(cache), "--out", str(out), "--stage", "1", "--epochs1", "1",
-            "--stage1-patches", "16", "--no-test", *TINY]
+    args = ["--data", str(root), "--cache", str(cache), "--out", str(out), "--stage", "1",
+            "--epochs1", "1", "--stage1-patches", "16", "--no-test", *TINY]
     train.main(args)
     log_before = (out / "log.csv").read_bytes()
-    with pytest.raises(SystemExit, match=r"--batch 8 \(now 4\)"):           # another batch: another run
+    with pytest.raises(SystemExit, match=r"--batch 8 \(now 4\)"):  # another batch: another run
         train.main([*args, "--resume", "--batch", "4"])
     assert (out / "log.csv").read_bytes() == log_before
 
@@ -299,14 +327,14 @@ def test_stage1_from_a_corrupt_checkpoint_is_one_line(phantom, tmp_path, capsys)
     bad.mkdir()
     (bad / "stage1_best.pt").write_bytes(b"PK\x03\x04 not a checkpoint")
     with pytest.raises(SystemExit, match="not a valid or trusted train.py checkpoint"):
-        train.main(["--data", str(root), "--cache", str(cache), "--out", str(tmp_path / "s2"), "--stage", "2",
-                    "--stage1-from", str(bad), *TINY])
+        train.main(["--data", str(root), "--cache", str(cache), "--out", str(tmp_path / "s2"),
+                    "--stage", "2", "--stage1-from", str(bad), *TINY])
 
 
 def test_stage2_without_a_stage1_says_why_the_test_split_is_skipped(phantom, tmp_path, capsys):
     root, cache = phantom
-    train.main(["--data", str(root), "--cache", str(cache), "--out", str(tmp_path / "s2"), "--stage", "2",
-                "--epochs2", "1", "--patches", "8", *TINY])
+    train.main(["--data", str(root), "--cache", str(cache), "--out", str(tmp_path / "s2"),
+                "--stage", "2", "--epochs2", "1", "--patches", "8", *TINY])
     assert "no Stage 1 in" in capsys.readouterr().out
 
 

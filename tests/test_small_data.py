@@ -1,6 +1,7 @@
-"""The additions for small data where the paper is silent, against independent computation: the anti-aliased 1/4
-down-sampling (constant, checkerboard, grid alignment), patch augmentation that keeps image and label aligned
-(an analytically transformed ellipse), and --paper-strict giving exactly Eq. 3 / Eq. 4 with no augmentation."""
+"""The additions for small data where the paper is silent, against independent computation: the
+anti-aliased 1/4 down-sampling (constant, checkerboard, grid alignment), patch augmentation that
+keeps image and label aligned (an analytically transformed ellipse), and --paper-strict giving
+exactly Eq. 3 / Eq. 4 with no augmentation."""
 import math
 
 import numpy as np
@@ -13,7 +14,7 @@ import metricunet as M
 import train
 
 
-# ------------------------------------------------------------------ anti-aliased down-sampling (Section III-A)
+# ------------------------------------------------------- anti-aliased down-sampling (Section III-A)
 
 def test_antialias_keeps_a_constant():
     v = np.full((37, 29, 21), 117.0, np.float32)
@@ -24,18 +25,20 @@ def test_antialias_keeps_a_constant():
 
 def test_antialias_averages_a_checkerboard_that_decimation_aliases():
     idx = np.indices((48, 48, 48)).sum(0)
-    board = (idx % 2).astype(np.float32)                             # the highest frequency the grid holds
-    plain = data.stage1_volume(board)                                # trilinear at 4j = v[::4, ::4, ::4]
-    assert np.array_equal(plain, board[::4, ::4, ::4])               # decimation: all 0 here, the mean is 0.5
+    board = (idx % 2).astype(np.float32)  # the highest frequency the grid holds
+    plain = data.stage1_volume(board)  # trilinear at 4j = v[::4, ::4, ::4]
+    assert np.array_equal(plain, board[::4, ::4, ::4])  # decimation: all 0 here, the mean is 0.5
     assert plain.max() == 0.0
     smooth = data.stage1_volume(board, antialias=True)
-    # a Gaussian of sigma 1.5 leaves exp(-2 pi^2 sigma^2 f^2) = 1.5e-5 of a frequency-1/2 wave per axis
+    # a Gaussian of sigma 1.5 leaves exp(-2 pi^2 sigma^2 f^2) = 1.5e-5 of a frequency-1/2 wave per
+    # axis
     interior = smooth[2:-2, 2:-2, 2:-2]
     assert np.allclose(interior, 0.5, atol=1e-3)
 
 
 def test_antialias_keeps_the_grid_alignment():
-    """Coarse voxel j sits at input voxel 4j with and without anti-aliasing: a ball's centroid maps back."""
+    """Coarse voxel j sits at input voxel 4j with and without anti-aliasing: a ball's centroid maps
+    back."""
     g = np.indices((81, 73, 65)).astype(np.float32)
     centre = np.array([41.3, 30.7, 35.2])
     ball = (((g - centre[:, None, None, None]) ** 2).sum(0) <= 12 ** 2).astype(np.float32)
@@ -61,25 +64,29 @@ def test_identity_parameters_give_the_plain_patch():
     rng = np.random.default_rng(0)
     img = rng.integers(0, 256, (90, 80), dtype=np.uint8)
     lab = (rng.random((90, 80)) < 0.3).astype(np.uint8)
-    ident = dict(angle=0.0, scale=1.0, flip=False, gamma=1.0, contrast=1.0, brightness=0.0, noise_sd=0.0, noise_seed=0)
+    ident = dict(angle=0.0, scale=1.0, flip=False, gamma=1.0, contrast=1.0, brightness=0.0,
+                 noise_sd=0.0, noise_seed=0)
     x, y = data.augment_patch([img], lab, (10 + 31.5, 7 + 31.5), 64, ident)
     assert np.allclose(x[..., 0], img[10:74, 7:71] / 255.0, atol=1e-6)
     assert np.array_equal(y, lab[10:74, 7:71])
 
 
-@pytest.mark.parametrize("angle_deg,scale,flip", [(12.0, 1.1, True), (-14.0, 0.87, False), (0.0, 1.0, True)])
+@pytest.mark.parametrize("angle_deg,scale,flip", [(12.0, 1.1, True), (-14.0, 0.87, False),
+                                                  (0.0, 1.0, True)])
 def test_augmentation_keeps_image_and_label_aligned(angle_deg, scale, flip):
-    """An ellipse (image = 200 inside, 20 outside; label = inside) through a known rotation, zoom and mirror:
-    the transformed label is the ellipse transformed by hand, and the transformed image is bright exactly there."""
+    """An ellipse (image = 200 inside, 20 outside; label = inside) through a known rotation, zoom
+    and mirror: the transformed label is the ellipse transformed by hand, and the transformed image
+    is bright exactly there."""
     shape, centre, radii, tilt = (120, 110), (63.0, 52.0), (22.0, 11.0), 0.3
     lab = ellipse(shape, centre, radii, tilt).astype(np.uint8)
     img = np.where(lab > 0, 200, 20).astype(np.uint8)
-    patch_centre = (60.5, 55.5)                                      # x0 + 31.5, as PatchDataset makes them
-    params = dict(angle=math.radians(angle_deg), scale=scale, flip=flip, gamma=1.0, contrast=1.0, brightness=0.0,
-                  noise_sd=0.0, noise_seed=0)
+    patch_centre = (60.5, 55.5)  # x0 + 31.5, as PatchDataset makes them
+    params = dict(angle=math.radians(angle_deg), scale=scale, flip=flip, gamma=1.0, contrast=1.0,
+                  brightness=0.0, noise_sd=0.0, noise_seed=0)
     x, y = data.augment_patch([img, img, img], lab, patch_centre, 64, params)
-    # by hand: output pixel u (from the patch centre) reads input c + R(a) F u / s, so the ellipse seen in the
-    # output is centred at F R(-a) s (centre - c), with axes scaled by s and tilt mirrored/rotated accordingly
+    # by hand: output pixel u (from the patch centre) reads input c + R(a) F u / s, so the ellipse
+    # seen in the output is centred at F R(-a) s (centre - c), with axes scaled by s and tilt
+    # mirrored/rotated accordingly
     a = math.radians(angle_deg)
     d = np.array(centre) - np.array(patch_centre)
     ca, sa = math.cos(a), math.sin(a)
@@ -90,7 +97,7 @@ def test_augmentation_keeps_image_and_label_aligned(angle_deg, scale, flip):
     want = ellipse((64, 64), q + 31.5, np.array(radii) * scale, t)
     mismatch = (y.astype(bool) != want).sum()
     assert mismatch <= 0.06 * want.sum(), (mismatch, want.sum())     # boundary pixels only
-    bright = x[..., 1] >= (109.9 / 255)                                # 110 = occupancy 0.5, the label threshold
+    bright = x[..., 1] >= (109.9 / 255)  # 110 = occupancy 0.5, the label threshold
     assert (bright == y.astype(bool)).mean() > 0.99                    # image and label agree
 
 
@@ -99,13 +106,15 @@ def test_augmented_patches_vary_by_epoch_and_are_reproducible():
     vols = [rng.integers(0, 255, (80, 80, 12), dtype=np.uint8)]
     labs = [np.zeros((80, 80, 12), np.uint8)]
     labs[0][30:50, 30:50, 3:9] = 1
-    ds = data.PatchDataset(vols, labs, patch=64, n_slices=3, patches_per_image=10, seed=4, augment=True)
+    ds = data.PatchDataset(vols, labs, patch=64, n_slices=3, patches_per_image=10, seed=4,
+                           augment=True)
     a0, b0 = ds[3], ds[3]
     a1 = ds[3 + len(ds)]                                               # same patch, next epoch
     assert torch.equal(a0[0], b0[0]) and torch.equal(a0[1], b0[1])    # seeded
     assert not torch.equal(a0[0], a1[0])                               # a new variant every epoch
     plain = data.PatchDataset(vols, labs, patch=64, n_slices=3, patches_per_image=10, seed=4)
-    assert torch.equal(plain[3][0], plain[3 + len(plain)][0])         # without augmentation: the fixed patch set
+    # without augmentation: the fixed patch set
+    assert torch.equal(plain[3][0], plain[3 + len(plain)][0])
 
 
 # ------------------------------------------------------------------ --paper-strict
@@ -113,9 +122,11 @@ def test_augmented_patches_vary_by_epoch_and_are_reproducible():
 def test_paper_strict_turns_every_addition_off():
     for preset in train.PRESETS:
         a = train.parse_args(["--preset", preset, "--paper-strict"])
-        assert (a.stage1_antialias, a.stage1_loss, a.augment, a.hard_negatives) == (False, "ce", "off", False)
+        assert (a.stage1_antialias, a.stage1_loss, a.augment,
+                a.hard_negatives) == (False, "ce", "off", False)
     a = train.parse_args(["--preset", "paper"])
-    assert (a.stage1_antialias, a.stage1_loss, a.augment, a.hard_negatives) == (False, "ce", "off", False)
+    assert (a.stage1_antialias, a.stage1_loss, a.augment,
+            a.hard_negatives) == (False, "ce", "off", False)
     a = train.parse_args(["--preset", "cpu"])
     assert (a.stage1_antialias, a.stage1_loss, a.augment) == (True, "dice_ce", "spatial")
     with pytest.raises(SystemExit):
@@ -130,24 +141,27 @@ def test_paper_strict_losses_are_exactly_eq3_and_eq4():
     labels = torch.zeros(4, 16, 16, dtype=torch.long)
     labels[:, 4:10, 5:12] = 1
     hp = train.metric_settings(a)
-    assert hp == M.PAPER_DEFAULTS                                      # Eq. 1-4 at the paper's values
+    assert hp == M.PAPER_DEFAULTS  # Eq. 1-4 at the paper's values
     loss1, _ = train.step_loss(logits, feats, labels, M.get_config("UNet"), hp, g,
                                dice=a.stage1_loss == "dice_ce")
     assert loss1.item() == F.cross_entropy(logits, labels).item()      # Eq. 3, nothing added
     cfg = M.get_config("R")
     loss2, _ = train.step_loss(logits, feats, labels, cfg, hp, torch.Generator().manual_seed(5))
     t = M.random_sampler(labels, 20, 1, torch.Generator().manual_seed(5))
-    want = F.cross_entropy(logits, labels) + 0.01 * M.metric_loss(feats, t, 0.7, 0.0, 0.01)   # Eq. 4, R row
+    # Eq. 4, R row
+    want = F.cross_entropy(logits, labels) + 0.01 * M.metric_loss(feats, t, 0.7, 0.0, 0.01)
     assert loss2.item() == pytest.approx(want.item(), rel=1e-6)
-    small = train.parse_args(["--preset", "cpu"])                     # the small-data preset adds soft Dice
-    loss_dice, _ = train.step_loss(logits, feats, labels, M.get_config("UNet"), train.metric_settings(small),
-                                   g, dice=small.stage1_loss == "dice_ce")
+    small = train.parse_args(["--preset", "cpu"])  # the small-data preset adds soft Dice
+    loss_dice, _ = train.step_loss(logits, feats, labels, M.get_config("UNet"),
+                                   train.metric_settings(small), g,
+                                   dice=small.stage1_loss == "dice_ce")
     p = torch.softmax(logits, 1)[:, 1]
     dice = 1 - (2 * (p * labels).sum() + 1e-5) / (p.sum() + labels.sum() + 1e-5)
-    assert loss_dice.item() == pytest.approx((F.cross_entropy(logits, labels) + dice).item(), rel=1e-6)
+    assert loss_dice.item() == pytest.approx((F.cross_entropy(logits, labels) + dice).item(),
+                                             rel=1e-6)
 
 
-# ------------------------------------------------------------------ --hard-negatives (Section III-B-2 ii, other reading)
+# --------------------------------------------- --hard-negatives (Section III-B-2 ii, other reading)
 
 def test_hard_negatives_are_the_networks_false_positives():
     lab = torch.zeros(3, 16, 16, dtype=torch.long)
@@ -155,25 +169,30 @@ def test_hard_negatives_are_the_networks_false_positives():
     probs = torch.where(lab > 0, 0.95, 0.02)                       # a good prediction ...
     probs[0, 12:14, 12:15] = 0.8                                   # ... image 0: 6 false positives
     probs[0, 5, 5] = 0.3                                           # and one missed prostate voxel
-    probs[1, 0, 0:2] = 0.6                                         # image 1: 2 false positives, nothing missed
+    probs[1, 0, 0:2] = 0.6  # image 1: 2 false positives, nothing missed
     # image 2: no mistake at all
     a, p, n, v = M.focal_hard_negative_sampler(lab, probs, k=60, m=2, tau=0.1,
-                                               generator=torch.Generator().manual_seed(0), hard_negatives=True)
+                                               generator=torch.Generator().manual_seed(0),
+                                               hard_negatives=True)
     y = (lab > 0).flatten(1).numpy()
-    fp = ((probs.flatten(1) > 0.1) & (lab.flatten(1) == 0)).numpy()   # Eq. 1 on background voxels, by hand
+    # Eq. 1 on background voxels, by hand
+    fp = ((probs.flatten(1) > 0.1) & (lab.flatten(1) == 0)).numpy()
     assert bool(v.all())
-    assert set(a[0].tolist()) == {5 * 16 + 5}                      # the one missed voxel is the anchor
+    assert set(a[0].tolist()) == {5 * 16 + 5}  # the one missed voxel is the anchor
     for i in (0, 1):
         assert fp[i, n[i].numpy()].all()                           # negatives: false positives only
-    assert y[1, a[1].numpy()].all() and len(set(a[1].tolist())) > 10   # nothing missed: any prostate voxel
-    assert (~y[2, n[2].numpy()]).all() and len(set(n[2].flatten().tolist())) > 30   # no FP: all background
-    # the printed reading: image 1 and 2 have no hard positive, so no tuple; negatives from all background
+    # nothing missed: any prostate voxel
+    assert y[1, a[1].numpy()].all() and len(set(a[1].tolist())) > 10
+    # no FP: all background
+    assert (~y[2, n[2].numpy()]).all() and len(set(n[2].flatten().tolist())) > 30
+    # the printed reading: image 1 and 2 have no hard positive, so no tuple; negatives from all
+    # background
     a0, _, n0, v0 = M.focal_hard_negative_sampler(lab, probs, k=60, m=2, tau=0.1,
                                                   generator=torch.Generator().manual_seed(0))
     assert v0[:, 0].tolist() == [True, False, False] and not fp[0, n0[0].numpy()].all()
 
 
-# ------------------------------------------------------------------ --native-slices (Section III-B's 2.5D input)
+# ----------------------------------------------------- --native-slices (Section III-B's 2.5D input)
 
 def test_native_neighbours_are_the_scans_own_slices():
     """A scan with 3-mm slices whose slice k holds the value 10 k + 5: resampled to 1 mm, 1-mm slice
@@ -183,7 +202,8 @@ def test_native_neighbours_are_the_scans_own_slices():
     scan = np.broadcast_to((10 * np.arange(7) + 5).astype(np.float32), (6, 5, 7)).copy()
     vol = data.resample_to(scan, (1.0, 1.0, 3.0))
     assert vol.shape[2] == 19                                     # (7 - 1) * 3 + 1 slices
-    prep = data.Prepared("c", vol.astype(np.uint8), None, {"geometry": {"spacing": (1.0, 1.0, 3.0)}})
+    prep = data.Prepared("c", vol.astype(np.uint8), None,
+                         {"geometry": {"spacing": (1.0, 1.0, 3.0)}})
     step = data.native_slice_step(prep, True)
     assert step == 3 and data.native_slice_step(prep, False) == 1
     x = data.slices_25d(prep.image, 3, step=step)                  # (Z, 3, X', Y') in [0, 1]
@@ -215,7 +235,7 @@ def test_training_patches_take_the_same_neighbours_as_inference():
         assert np.allclose(x[:, 0, 0].numpy(), want, atol=1e-6)
 
 
-# ------------------------------------------------------------------ --stage2-loss, and what --paper-strict turns off
+# ------------------------------------------------- --stage2-loss, and what --paper-strict turns off
 
 def test_stage2_dice_is_a_flag_off_in_the_paper():
     paper = train.parse_args(["--preset", "paper"])
@@ -233,7 +253,7 @@ def test_stage2_dice_is_a_flag_off_in_the_paper():
             train.parse_args(["--paper-strict", *flag])
 
 
-# ------------------------------------------------------------------ post-processing decided on evidence
+# -------------------------------------------------------------- post-processing decided on evidence
 
 def two_piece_case():
     """A gland (a 10x10x10 cube) and a stray 2x2x2 piece far from it; and a gland made of two

@@ -1,9 +1,11 @@
-"""The coursework use case: a sampler (and Eq. 2's metric_loss) copied alone into a new file runs alone.
+"""The coursework use case: a sampler (and Eq. 2's metric_loss) copied alone into a new file runs
+alone.
 
-Each function's source is cut out of metricunet.py with ast.get_source_segment and executed in a fresh namespace
-that holds nothing but `torch` and `torch.nn.functional as F`, exactly what a student's new module would import.
-The draws are then checked against independent computations: numpy label sets, Eq. 1 written out by hand, and
-the contour from scipy.ndimage.binary_erosion; Eq. 2 against a brute-force loop.
+Each function's source is cut out of metricunet.py with ast.get_source_segment and executed in a
+fresh namespace that holds nothing but `torch` and `torch.nn.functional as F`, exactly what a
+student's new module would import. The draws are then checked against independent computations:
+numpy label sets, Eq. 1 written out by hand, and the contour from scipy.ndimage.binary_erosion; Eq.
+2 against a brute-force loop.
 """
 import ast
 import itertools
@@ -21,7 +23,8 @@ SOURCE = (ROOT / "metricunet.py").read_text()
 
 
 def pasted_alone(*names):
-    """The named top-level functions of metricunet.py, exec'd in a namespace holding only torch and F."""
+    """The named top-level functions of metricunet.py, exec'd in a namespace holding only torch and
+    F."""
     tree = ast.parse(SOURCE)
     namespace = {"torch": torch, "F": F}
     for node in tree.body:
@@ -44,18 +47,21 @@ def labels_2x16x16():
 
 def check_labels(lab, anchor, positive, negative, valid, k, m):
     N = lab.shape[0]
-    assert tuple(anchor.shape) == (N, k) and tuple(positive.shape) == (N, k, m) and tuple(negative.shape) == (N, k, m)
+    assert tuple(anchor.shape) == (N, k)
+    assert tuple(positive.shape) == tuple(negative.shape) == (N, k, m)
     assert valid.dtype == torch.bool and bool(valid.all())
     flat = lab.reshape(N, -1) > 0
     for i in range(N):
-        assert flat[i, positive[i].numpy()].all()         # positives: prostate voxels of the same image
-        assert (~flat[i, negative[i].numpy()]).all()      # negatives: background voxels of the same image
+        assert flat[i, positive[i].numpy()].all()  # positives: prostate voxels of the same image
+        # negatives: background voxels of the same image
+        assert (~flat[i, negative[i].numpy()]).all()
 
 
 def test_random_sampler_alone():
     (random_sampler,) = pasted_alone("random_sampler")
     lab = labels_2x16x16()
-    a, p, n, v = random_sampler(torch.from_numpy(lab), k=30, m=2, generator=torch.Generator().manual_seed(0))
+    a, p, n, v = random_sampler(torch.from_numpy(lab), k=30, m=2,
+                                generator=torch.Generator().manual_seed(0))
     check_labels(lab, a, p, n, v, 30, 2)
     flat = lab.reshape(2, -1) > 0
     assert all(flat[i, a[i].numpy()].all() for i in range(2))   # anchors: prostate voxels
@@ -65,10 +71,12 @@ def test_focal_hard_negative_sampler_alone():
     (focal_hard_negative_sampler,) = pasted_alone("focal_hard_negative_sampler")
     lab = labels_2x16x16()
     probs = np.random.default_rng(1).uniform(0, 1, lab.shape).astype(np.float32)
-    a, p, n, v = focal_hard_negative_sampler(torch.from_numpy(lab), torch.from_numpy(probs), k=40, m=1, tau=0.1,
+    a, p, n, v = focal_hard_negative_sampler(torch.from_numpy(lab), torch.from_numpy(probs), k=40,
+                                             m=1, tau=0.1,
                                              generator=torch.Generator().manual_seed(0))
     check_labels(lab, a, p, n, v, 40, 1)
-    # Eq. 1 by hand: a hard positive anchor is a prostate voxel whose probability is more than tau from 1
+    # Eq. 1 by hand: a hard positive anchor is a prostate voxel whose probability is more than tau
+    # from 1
     hard_positive = (lab > 0) & (np.abs(probs - (lab > 0)) > 0.1)
     for i in range(2):
         assert hard_positive[i].ravel()[a[i].numpy()].all()
@@ -77,7 +85,8 @@ def test_focal_hard_negative_sampler_alone():
 def test_contour_aware_sampler_alone():
     (contour_aware_sampler,) = pasted_alone("contour_aware_sampler")
     lab = labels_2x16x16()
-    a, p, n, v = contour_aware_sampler(torch.from_numpy(lab), k=300, m=1, generator=torch.Generator().manual_seed(0))
+    a, p, n, v = contour_aware_sampler(torch.from_numpy(lab), k=300, m=1,
+                                       generator=torch.Generator().manual_seed(0))
     check_labels(lab, a, p, n, v, 300, 1)
     for i in range(2):
         mask = lab[i] > 0
@@ -97,7 +106,7 @@ def test_metric_loss_alone_next_to_a_sampler():
     got = metric_loss(feats, t, sigma=0.7, beta=0.1, eps=0.01).item()
     a_idx, p_idx, n_idx, _ = t
     f = feats.flatten(2)
-    f = f / f.norm(dim=1, keepdim=True)                        # L2-normalised per voxel, as documented
+    f = f / f.norm(dim=1, keepdim=True)  # L2-normalised per voxel, as documented
     want = 0.0
     for i, kk in itertools.product(range(2), range(5)):       # Eq. 2 with hinges, brute force
         a = f[i, :, a_idx[i, kk]]
@@ -111,7 +120,8 @@ def test_metric_loss_alone_next_to_a_sampler():
 
 
 def test_readme_sampler_example_runs_as_printed():
-    """The README's 'Use a sampler in your own code' block, executed as printed from the repository root."""
+    """The README's 'Use a sampler in your own code' block, executed as printed from the repository
+    root."""
     text = (ROOT / "README.md").read_text()
     section = text.split("## Use a sampler in your own code", 1)[1]
     block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
@@ -125,5 +135,5 @@ def test_readme_sampler_example_runs_as_printed():
         os.chdir(cwd)
     loss = namespace["loss"]
     assert loss.ndim == 0 and torch.isfinite(loss) and loss.item() > 0
-    assert namespace["feats"].grad is not None                  # the example back-propagates into the features
+    assert namespace["feats"].grad is not None  # the example back-propagates into the features
     assert namespace["feats"].grad is not None and namespace["feats"].grad.abs().sum() > 0
