@@ -1,12 +1,14 @@
 """Evaluation metrics of Section IV-C (Eq. 5-8), Table VI's aRVD and Table IV's paired t-test.
 
-    python metrics.py PRED_DIR GT_DIR [--csv FILE] [--compare OTHER_PRED_DIR]
+    python metrics.py PRED_DIR GT_DIR [--csv FILE] [--compare OTHER_PRED_DIR] [--predicted-only]
 
 PRED_DIR holds one NIfTI mask per case (CASE.nii.gz); GT_DIR is a folder of label masks or a
 Decathlon / nnU-Net data set root (its labelsTr/ is used). Cases are paired by name; each pair must
-share shape and affine. Prints a Table III-style summary (mean +- std and median over cases), writes
-a per-case CSV and a summary JSON beside it, and with --compare adds Table IV-style paired t-test
-p-values.
+share shape and affine. Every ground truth needs a prediction, so that a missed case cannot leave
+the mean unnoticed; --predicted-only scores the cases PRED_DIR holds (a test split against the data
+set's labelsTr) and says how many it left out. Prints a Table III-style summary (mean +- std and
+median over cases), writes a per-case CSV and a summary JSON beside it, and with --compare adds
+Table IV-style paired t-test p-values.
 
 All functions take 3-D binary masks (any array; > 0 is foreground) and the voxel spacing in mm,
 which may be anisotropic. The command reads the spacing from each file's affine (the length of each
@@ -353,7 +355,8 @@ def paired_files(pred_dir, gt_dir, only=None):
                              f"ground truth there; check the case names")
     missing = sorted(set(gts) - set(preds))
     if missing:
-        raise ValueError(f"{pred_dir}: no prediction for case(s) {', '.join(missing)} of {gt_dir}")
+        raise ValueError(f"{pred_dir}: no prediction for case(s) {', '.join(missing)} of {gt_dir}; "
+                         f"to score only the cases it holds, pass --predicted-only")
     return preds, gts
 
 
@@ -450,20 +453,29 @@ def main(argv=None):
                    help="HD95 definition (see module docstring)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing --csv and its summary")
+    p.add_argument("--predicted-only", action="store_true",
+                   help="score only the cases PRED_DIR holds (e.g. a test split against the data "
+                        "set's labelsTr); by default a ground truth without a prediction is an "
+                        "error, so that a missed case never leaves the mean unnoticed")
     args = p.parse_args(argv)
     try:
         if args.csv:
             inputs = [args.pred_dir, args.gt_dir] + ([args.compare] if args.compare else [])
             check_report_path(Path(args.csv), inputs, args.overwrite)
-        paired_files(args.pred_dir, args.gt_dir)         # every folder checked before any work
+        only = sorted(nifti_files(Path(args.pred_dir), "pred")) if args.predicted_only else None
+        paired_files(args.pred_dir, args.gt_dir, only)   # every folder checked before any work
         if args.compare:
-            paired_files(args.compare, args.gt_dir)
-        rows = evaluate_folders(args.pred_dir, args.gt_dir, args.hd95)
+            paired_files(args.compare, args.gt_dir, only)
+        rows = evaluate_folders(args.pred_dir, args.gt_dir, args.hd95, only=only)
         summary = summarize(rows)
-        print(format_summary(summary, f"\n{args.pred_dir} vs {args.gt_dir}"))
+        left = len(nifti_files(Path(args.gt_dir), "gt")) - len(rows)
+        print(format_summary(summary, f"\n{args.pred_dir} vs {args.gt_dir}"
+                             + (f" ({left} ground truths without a prediction left out, as "
+                                f"--predicted-only asks)" if left else "")))
         extra = {}
         if args.compare:
-            other = evaluate_folders(args.compare, args.gt_dir, args.hd95, log=lambda *_: None)
+            other = evaluate_folders(args.compare, args.gt_dir, args.hd95, log=lambda *_: None,
+                                     only=only)
             print(format_summary(summarize(other), f"\n{args.compare} vs {args.gt_dir}"))
             pv = paired_pvalues(rows, other)
             print("\npaired t-test p-values (Table IV):  "

@@ -192,6 +192,25 @@ def test_cli_clear_errors(tmp_path, capsys):
     assert "cannot read NIfTI" in capsys.readouterr().err
 
 
+def test_predicted_only_scores_the_cases_that_have_a_prediction(tmp_path, capsys):
+    # a test split's masks against the whole labelsTr: 2 of 3 cases predicted, one of them exactly
+    gt, p1, _, aff = make_case_dirs(tmp_path, n=3)
+    g = np.zeros((24, 24, 12), bool)
+    g[6:18, 6:18, 3:9] = True
+    save(p1 / "prostate_0.nii.gz", g, aff)                              # DSC 1
+    save(p1 / "prostate_1.nii.gz", np.zeros_like(g), aff)               # empty: DSC 0
+    (p1 / "prostate_2.nii.gz").unlink()
+    assert metrics.main([str(p1), str(gt)]) == 2                        # by default: an error
+    assert "--predicted-only" in capsys.readouterr().err
+    out = tmp_path / "r.csv"
+    assert metrics.main([str(p1), str(gt), "--predicted-only", "--csv", str(out)]) == 0
+    assert "1 ground truths without a prediction left out" in capsys.readouterr().out
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["case"] for r in rows] == ["prostate_0", "prostate_1"]
+    assert [float(r["DSC"]) for r in rows] == [1.0, 0.0]
+
+
 # ------------------------------------------------------------------ the union-box crop is exact
 
 def _placed(rng, shape, touch_border):
