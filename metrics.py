@@ -472,7 +472,7 @@ def main(argv=None):
         print(format_summary(summary, f"\n{args.pred_dir} vs {args.gt_dir}"
                              + (f" ({left} ground truths without a prediction left out, as "
                                 f"--predicted-only asks)" if left else "")))
-        extra = {}
+        extra = {"ground_truths_left_out": left} if left else {}
         if args.compare:
             other = evaluate_folders(args.compare, args.gt_dir, args.hd95, log=lambda *_: None,
                                      only=only)

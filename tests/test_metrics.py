@@ -1,5 +1,6 @@
 """metrics.py against analytic shapes, a brute-force all-pairs reference and hand-worked cases."""
 import csv
+import json
 import math
 
 import nibabel as nib
@@ -209,6 +210,8 @@ def test_predicted_only_scores_the_cases_that_have_a_prediction(tmp_path, capsys
         rows = list(csv.DictReader(f))
     assert [r["case"] for r in rows] == ["prostate_0", "prostate_1"]
     assert [float(r["DSC"]) for r in rows] == [1.0, 0.0]
+    summary = json.loads(out.with_suffix(".summary.json").read_text())
+    assert summary["cases"] == 2 and summary["ground_truths_left_out"] == 1
 
 
 # ------------------------------------------------------------------ the union-box crop is exact
