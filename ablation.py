@@ -446,7 +446,10 @@ def embedding_study(a, root, dataset, seeds, folds):
     import figures
     rows = [r.strip() for r in a.rows.split(",") if r.strip()]
     cases = data.find_cases(root, a.channel)
-    data.prepare_cases(cases, a.cache)           # a moved data set or a new --cache: fill it first
+    try:                                         # a moved data set or a new --cache: fill it first
+        data.prepare_cases(cases, a.cache)
+    except data.DataError as e:
+        sys.exit(f"error: {e}")
     preps, runs, table = data.CachedCases(cases, a.cache), Path(a.runs) / dataset, []
     for fold in (range(folds) if folds else [None]):
         for seed in seeds:

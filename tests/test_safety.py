@@ -547,3 +547,18 @@ def test_fig5_draws_what_the_real_samplers_return(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit, match="exists; pass --overwrite"):
         figures.samplers_main(["--out", str(out)])
+
+
+def test_embedding_study_names_an_unreadable_case_in_one_line(tmp_path):
+    import ablation
+    root = tmp_path / "set"
+    for c in ("a", "b", "c"):
+        save(root / "imagesTr" / f"{c}.nii.gz", (box_mask() * 100).astype(np.int16))
+        save(root / "labelsTr" / f"{c}.nii.gz", box_mask())
+    (root / "imagesTr" / "b.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
+    with pytest.raises(SystemExit) as e:
+        ablation.ablation_main(["--data", str(root), "--study", "embedding",
+                                "--cache", str(tmp_path / "cache"), "--runs", str(tmp_path / "r"),
+                                "--results", str(tmp_path / "res")])
+    assert str(e.value).startswith("error: ") and "\n" not in str(e.value)
+    assert "b.nii.gz" in str(e.value) and "cannot read NIfTI" in str(e.value)
